@@ -1,0 +1,86 @@
+"""Write an export's bundle directory: graphs, tokenizer and preprocessor files, manifest."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import onnx
+import torch
+
+from clipedge import __version__
+from clipedge.manifest import GraphEntry, Manifest, TensorSpec, TowerManifest
+
+from .config import ClipConfig
+from .onnx_export import ExportedGraph
+from .source import OPTIONAL_FILES, CheckpointSource, sha256_file
+
+TOKENIZER_FILE = "tokenizer.json"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+DEFAULT_MAX_LENGTH = 512  # the official encode_text default
+MAX_LENGTH = 8192
+
+
+def copy_support_files(source: CheckpointSource, bundle_dir: Path) -> None:
+    """Tokenizer and preprocessor files travel with the graphs: the runtime reads only these."""
+    for name in (TOKENIZER_FILE, PREPROCESSOR_FILE, *OPTIONAL_FILES):
+        if (source.directory / name).is_file():
+            shutil.copyfile(source.directory / name, bundle_dir / name)
+
+
+def _tower_manifest(graph: ExportedGraph, cfg: ClipConfig) -> TowerManifest:
+    pooled = graph.output_names[0] != "last_hidden_state"
+    dim = cfg.embed_dim
+    if graph.tower == "text":
+        inputs = [TensorSpec(n, "int64", ["batch", "sequence"]) for n in graph.input_names]
+        token_shape: list[int | str] = ["batch", "sequence", dim]
+        extra = {
+            "tokenizer": TOKENIZER_FILE,
+            "pad_token_id": cfg.text.pad_token_id,
+            "default_max_length": DEFAULT_MAX_LENGTH,
+            "max_length": MAX_LENGTH,
+        }
+        pooling = "mean"
+    else:
+        size = cfg.vision.image_size
+        inputs = [TensorSpec("pixel_values", "float32", ["batch", 3, size, size])]
+        token_shape = ["batch", cfg.vision.grid_size**2 + 1, dim]
+        extra = {"image_size": size, "preprocessor": PREPROCESSOR_FILE}
+        pooling = "cls"
+    shape = ["batch", dim] if pooled else token_shape
+    entry = GraphEntry(
+        file=graph.path.name,
+        precision="fp32",
+        sha256=sha256_file(graph.path),
+        external_data=graph.external_data.name if graph.external_data else None,
+    )
+    return TowerManifest(
+        graphs={"fp32": entry},
+        inputs=inputs,
+        outputs=[TensorSpec(graph.output_names[0], "float32", shape)],
+        output="pooled" if pooled else "token_states",
+        pooling=pooling,
+        extra=extra,
+    )
+
+
+def write_manifest(
+    source: CheckpointSource, graphs: list[ExportedGraph], bundle_dir: Path, opset: int
+) -> Manifest:
+    cfg = source.config
+    manifest = Manifest(
+        embed_dim=cfg.embed_dim,
+        matryoshka_dimensions=cfg.matryoshka_dimensions,
+        normalize=True,
+        task_instructions=cfg.text.task_instructions,
+        towers={graph.tower: _tower_manifest(graph, cfg) for graph in graphs},
+        source=source.origin,
+        versions={
+            "clipedge": __version__,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "opset": str(opset),
+        },
+    )
+    manifest.save(bundle_dir)
+    return manifest

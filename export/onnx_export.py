@@ -1,0 +1,99 @@
+"""Export one tower to ONNX with dynamic batch (and sequence) axes.
+
+Uses the torch.export-based exporter (`dynamo=True`), which writes opset 18+ graphs with
+LayerNormalization and no TorchScript leftovers. A graph larger than protobuf's 2 GB limit is
+saved with its weights in one external data file beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+
+from .config import ClipConfig
+from .graph_check import GraphReport, check_graph
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+PROTOBUF_LIMIT = 2**31 - 1
+# Shapes used only to trace; the exported axes are symbolic.
+TRACE_BATCH, TRACE_LENGTH = 2, 16
+
+
+@dataclass(frozen=True)
+class ExportedGraph:
+    tower: str
+    path: Path
+    external_data: Path | None
+    input_names: list[str]
+    output_names: list[str]
+    report: GraphReport
+
+
+def tower_io(tower: str, pooled: bool) -> tuple[list[str], list[str]]:
+    """Input and output names of a tower's graph."""
+    if tower == "text":
+        return ["input_ids", "attention_mask"], ["text_embeds" if pooled else "last_hidden_state"]
+    return ["pixel_values"], ["image_embeds" if pooled else "last_hidden_state"]
+
+
+def sample_inputs(tower: str, cfg: ClipConfig) -> tuple[torch.Tensor, ...]:
+    if tower == "text":
+        ids = torch.full((TRACE_BATCH, TRACE_LENGTH), 5, dtype=torch.int64)
+        return ids, torch.ones_like(ids)
+    size = cfg.vision.image_size
+    return (torch.zeros(TRACE_BATCH, 3, size, size),)
+
+
+def export_tower(
+    module: torch.nn.Module,
+    tower: str,
+    cfg: ClipConfig,
+    out_dir: Path,
+    opset: int = DEFAULT_OPSET,
+) -> ExportedGraph:
+    """Trace `module` and write `<tower>.onnx` (plus `<tower>.onnx.data` when > 2 GB)."""
+    pooled = bool(getattr(module, "pooled", True))
+    input_names, output_names = tower_io(tower, pooled)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    if tower == "text":
+        length = torch.export.Dim("sequence", min=1, max=cfg.text.max_position_embeddings)
+        dynamic = {name: {0: batch, 1: length} for name in input_names}
+    else:
+        dynamic = {"pixel_values": {0: batch}}
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            sample_inputs(tower, cfg),
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic,
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
+        )
+    path = out_dir / f"{tower}.onnx"
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    external = weight_bytes > PROTOBUF_LIMIT - (64 << 20)
+    program.save(str(path), external_data=external)
+    del program
+    data_path = path.with_name(path.name + ".data")
+    if not external and data_path.exists():
+        os.remove(data_path)
+    model = onnx.load(str(path), load_external_data=False)
+    report = check_graph(model)
+    log.info("%s.onnx ops: %s", tower, report.histogram_text())
+    return ExportedGraph(
+        tower=tower,
+        path=path,
+        external_data=data_path if external else None,
+        input_names=input_names,
+        output_names=output_names,
+        report=report,
+    )

@@ -1,0 +1,86 @@
+"""Where a checkpoint comes from: a local Hugging Face-layout directory or a hub id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from .config import ClipConfig, parse_config
+from .weights import TensorStore
+
+WEIGHTS_FILE = "model.safetensors"
+REQUIRED_FILES = ("config.json", WEIGHTS_FILE, "tokenizer.json", "preprocessor_config.json")
+OPTIONAL_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+class SourceError(RuntimeError):
+    """The checkpoint could not be found, downloaded or read."""
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """A resolved checkpoint directory and where it came from (for the bundle manifest)."""
+
+    directory: Path
+    origin: dict[str, Any]
+    raw_config: dict[str, Any]
+    config: ClipConfig
+
+    def open_tensors(self) -> TensorStore:
+        """Lazy tensor access: the whole checkpoint is never held twice in memory."""
+        handle = safe_open(str(self.directory / WEIGHTS_FILE), framework="pt")
+        shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+        return TensorStore(shapes, handle.get_tensor)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while block := stream.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_source(source: str, revision: str | None = None) -> CheckpointSource:
+    """Accept a local directory, or a hub id (`jinaai/jina-clip-v2`) fetched with huggingface_hub."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SourceError(f"{path} is not a directory in the Hugging Face layout")
+        origin = {"kind": "local", "path": str(path.resolve())}
+        directory = path
+    else:
+        directory, origin = _download(source, revision)
+    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+    if missing:
+        raise SourceError(f"{directory} lacks {', '.join(missing)}")
+    raw = json.loads((directory / "config.json").read_text())
+    origin["weights_sha256"] = sha256_file(directory / WEIGHTS_FILE)
+    return CheckpointSource(directory, origin, raw, parse_config(raw))
+
+
+def _download(repo_id: str, revision: str | None) -> tuple[Path, dict[str, Any]]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    if repo_id.count("/") != 1:
+        raise SourceError(f"{repo_id!r} is neither an existing directory nor a hub id (owner/name)")
+    try:
+        directory = snapshot_download(
+            repo_id, revision=revision, allow_patterns=[*REQUIRED_FILES, *OPTIONAL_FILES]
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise SourceError(
+            f"could not download {repo_id!r} from the Hugging Face hub ({exc.__class__.__name__}: "
+            f"{exc}). Without network access, download the checkpoint elsewhere and pass its "
+            "local directory instead"
+        ) from exc
+    directory = Path(directory)
+    # The snapshot folder name is the commit hash that was resolved.
+    origin = {"kind": "hub", "id": repo_id, "revision": revision, "commit": directory.name}
+    return directory, origin

@@ -1,0 +1,179 @@
+"""The bundle manifest (`clipedge.json`): what the exporter writes and the runtime reads.
+
+A bundle is a directory holding one ONNX graph per tower and precision, the tokenizer files,
+the preprocessor config and this manifest. The runtime needs nothing beyond the bundle, so the
+manifest carries every number the pre- and post-processing use.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "clipedge.json"
+FORMAT_NAME = "clipedge-bundle"
+FORMAT_VERSION = 1
+
+
+class BundleError(RuntimeError):
+    """A bundle directory is missing, incomplete, corrupt or written by a newer clipedge."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype and shape of one graph input or output (symbolic axes are strings)."""
+
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
+        return cls(name=data["name"], dtype=data["dtype"], shape=list(data["shape"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    """One graph file of a tower at one precision."""
+
+    file: str
+    precision: str
+    sha256: str
+    external_data: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GraphEntry:
+        return cls(
+            file=data["file"],
+            precision=data["precision"],
+            sha256=data["sha256"],
+            external_data=data.get("external_data"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "precision": self.precision,
+            "sha256": self.sha256,
+            "external_data": self.external_data,
+        }
+
+
+@dataclass(frozen=True)
+class TowerManifest:
+    """Everything the runtime needs to run one tower.
+
+    `output` is "pooled" when the graph pools inside (`text_embeds` / `image_embeds`) and
+    "token_states" when it returns `last_hidden_state` and the runtime pools.
+    """
+
+    graphs: dict[str, GraphEntry]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    output: str
+    pooling: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TowerManifest:
+        known = {"graphs", "inputs", "outputs", "output", "pooling"}
+        return cls(
+            graphs={k: GraphEntry.from_dict(v) for k, v in data["graphs"].items()},
+            inputs=[TensorSpec.from_dict(t) for t in data["inputs"]],
+            outputs=[TensorSpec.from_dict(t) for t in data["outputs"]],
+            output=data["output"],
+            pooling=data["pooling"],
+            extra={k: v for k, v in data.items() if k not in known},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "graphs": {k: v.to_dict() for k, v in self.graphs.items()},
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "output": self.output,
+            "pooling": self.pooling,
+            **self.extra,
+        }
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed `clipedge.json` of a bundle.
+
+    Text extra keys: tokenizer (file name), pad_token_id, default_max_length, max_length.
+    Vision extra keys: image_size, preprocessor (file name).
+    """
+
+    embed_dim: int
+    matryoshka_dimensions: list[int]
+    normalize: bool
+    task_instructions: dict[str, str]
+    towers: dict[str, TowerManifest]
+    source: dict[str, Any]
+    versions: dict[str, str]
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        return cls(
+            embed_dim=int(data["embed_dim"]),
+            matryoshka_dimensions=[int(d) for d in data["matryoshka_dimensions"]],
+            normalize=bool(data["normalize"]),
+            task_instructions=dict(data["task_instructions"]),
+            towers={k: TowerManifest.from_dict(v) for k, v in data["towers"].items()},
+            source=dict(data.get("source", {})),
+            versions=dict(data.get("versions", {})),
+            format_version=int(data["format_version"]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "embed_dim": self.embed_dim,
+            "matryoshka_dimensions": self.matryoshka_dimensions,
+            "normalize": self.normalize,
+            "task_instructions": self.task_instructions,
+            "towers": {k: v.to_dict() for k, v in self.towers.items()},
+            "source": self.source,
+            "versions": self.versions,
+        }
+
+    def save(self, bundle_dir: str | Path) -> Path:
+        path = Path(bundle_dir) / MANIFEST_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        return path
+
+
+def read_manifest(bundle_dir: str | Path) -> Manifest:
+    """Read and validate a bundle's manifest; every failure is a BundleError that says why."""
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MANIFEST_NAME
+    if not bundle_dir.is_dir():
+        raise BundleError(f"bundle directory {bundle_dir} does not exist")
+    if not path.is_file():
+        raise BundleError(f"{path} is missing: {bundle_dir} is not a clipedge bundle")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise BundleError(f"{path} is not a clipedge manifest (no 'format': '{FORMAT_NAME}')")
+    version = data.get("format_version")
+    if not isinstance(version, int):
+        raise BundleError(f"{path} has no integer 'format_version'")
+    if version > FORMAT_VERSION:
+        raise BundleError(
+            f"{path} was written by a newer clipedge (bundle format {version}, this clipedge "
+            f"reads up to {FORMAT_VERSION}); upgrade clipedge"
+        )
+    try:
+        return Manifest.from_dict(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{path} is incomplete or malformed: {exc!r}") from exc
