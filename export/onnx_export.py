@@ -7,8 +7,11 @@ saved with its weights in one external data file beside it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +70,14 @@ def export_tower(
         dynamic = {name: {0: batch, 1: length} for name in input_names}
     else:
         dynamic = {"pixel_values": {0: batch}}
-    with torch.no_grad():
+    # The exporter prints progress and version warnings meant for its own developers.
+    chatter = io.StringIO()
+    with (
+        torch.no_grad(),
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(chatter),
+    ):
+        warnings.simplefilter("ignore", (FutureWarning, UserWarning, DeprecationWarning))
         program = torch.onnx.export(
             module,
             sample_inputs(tower, cfg),
@@ -78,6 +88,7 @@ def export_tower(
             dynamo=True,
             verbose=False,
         )
+    log.debug("torch.onnx output:\n%s", chatter.getvalue())
     path = out_dir / f"{tower}.onnx"
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     external = weight_bytes > PROTOBUF_LIMIT - (64 << 20)

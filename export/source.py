@@ -47,7 +47,7 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
 
 
 def resolve_source(source: str, revision: str | None = None) -> CheckpointSource:
-    """Accept a local directory, or a hub id (`jinaai/jina-clip-v2`) fetched with huggingface_hub."""
+    """Accept a local directory, or a hub id (`jinaai/jina-clip-v2`) fetched from the hub."""
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():

@@ -1,0 +1,149 @@
+"""Checkpoint loading: strictness, clear errors, config defaults, bf16, hub fallback, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="export tests need the [export] extra")
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from clipedge.cli import main  # noqa: E402
+from clipedge.export.config import (  # noqa: E402
+    TEXT_BACKBONE_DEFAULTS,
+    UnsupportedCheckpointError,
+    parse_config,
+)
+from clipedge.export.source import SourceError, resolve_source  # noqa: E402
+from clipedge.export.weights import CheckpointError, load_towers  # noqa: E402
+
+from conftest import CHECKPOINT, EXPECTED  # noqa: E402
+
+QKV = "text_model.transformer.roberta.encoder.layers.0.mixer.Wqkv.parametrizations.weight.original"
+
+
+def copy_checkpoint(tmp_path: Path, edit_tensors=None, edit_config=None) -> Path:
+    target = tmp_path / "ckpt"
+    shutil.copytree(CHECKPOINT, target)
+    for path in target.iterdir():
+        path.chmod(0o644)
+    if edit_tensors:
+        tensors = load_file(target / "model.safetensors")
+        edit_tensors(tensors)
+        save_file(tensors, target / "model.safetensors")
+    if edit_config:
+        config = json.loads((target / "config.json").read_text())
+        edit_config(config)
+        (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def load(directory: Path, towers=("text", "vision")):
+    src = resolve_source(str(directory))
+    return load_towers(src.config, src.open_tensors(), towers)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    directory = copy_checkpoint(tmp_path, lambda t: t.pop(QKV))
+    with pytest.raises(CheckpointError, match="missing tensor.*layers.0.mixer.Wqkv"):
+        load(directory)
+
+
+def test_wrong_shape_is_named(tmp_path):
+    def shrink(tensors):
+        tensors["vision_model.blocks.1.attn.proj.weight"] = torch.zeros(64, 32)
+
+    directory = copy_checkpoint(tmp_path, shrink)
+    with pytest.raises(CheckpointError, match=r"blocks.1.attn.proj.weight.*\(64, 32\)"):
+        load(directory)
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    def add(tensors):
+        tensors["vision_model.blocks.0.attn.k_bias"] = torch.zeros(64)
+
+    directory = copy_checkpoint(tmp_path, add)
+    with pytest.raises(CheckpointError, match="unexpected tensors.*k_bias"):
+        load(directory)
+    # The text tower alone does not own vision tensors, so it still loads.
+    assert "text" in load(directory, towers=("text",))
+
+
+def test_jina_clip_v1_config_is_rejected(tmp_path):
+    def v1(config):
+        config["text_config"] = {
+            "hf_model_name_or_path": "jinaai/jina-bert-flash-implementation",
+            "pooler_type": "mean_pooler",
+            "embed_dim": 768,
+        }
+
+    directory = copy_checkpoint(tmp_path, edit_config=v1)
+    with pytest.raises(UnsupportedCheckpointError, match="jina-clip-v1"):
+        resolve_source(str(directory))
+
+
+def test_text_backbone_defaults_match_jina_embeddings_v3():
+    base = json.loads((CHECKPOINT / "text_backbone_base_config.json").read_text())
+    for key, value in TEXT_BACKBONE_DEFAULTS.items():
+        assert base[key] == value, key
+    cfg = parse_config(json.loads((CHECKPOINT / "config.json").read_text())).text
+    assert cfg.rotary_base == 20000.0 and cfg.layer_norm_eps == 1e-5
+    assert cfg.lora_scaling == 1.0  # alpha 4 from the clip config over rank 4
+    assert cfg.hidden_size == 64  # the tiny override wins over the v3 default
+
+
+def test_bf16_checkpoint_loads_as_float32(tmp_path):
+    def to_bf16(tensors):
+        for name, tensor in tensors.items():
+            tensors[name] = tensor.to(torch.bfloat16)
+
+    towers = load(copy_checkpoint(tmp_path, to_bf16))
+    for module in towers.values():
+        assert {p.dtype for p in module.parameters()} == {torch.float32}
+    pixels = torch.from_numpy(__import__("numpy").load(EXPECTED / "image_pixel_values.npy"))
+    with torch.no_grad():
+        out = towers["vision"](pixels)
+    reference = torch.from_numpy(__import__("numpy").load(EXPECTED / "image_norm.npy"))
+    cosine = torch.nn.functional.cosine_similarity(out, reference)
+    assert cosine.min() > 0.99  # bf16 rounding of random weights, not a different model
+
+
+def test_hub_id_offline_says_to_pass_a_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(SourceError, match="pass its local directory"):
+        resolve_source("jinaai/jina-clip-v2")
+
+
+def test_incomplete_directory_lists_missing_files(tmp_path):
+    directory = copy_checkpoint(tmp_path)
+    (directory / "tokenizer.json").unlink()
+    with pytest.raises(SourceError, match="tokenizer.json"):
+        resolve_source(str(directory))
+
+
+def test_cli_export_reports_stages_and_verifies(tmp_path, capsys):
+    assert main(["export", str(CHECKPOINT), "-o", str(tmp_path / "b"), "--towers", "text"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("[load]", "[export]", "[verify]", "[save]", "min cosine"):
+        assert stage in out
+    manifest = json.loads((tmp_path / "b" / "clipedge.json").read_text())
+    assert list(manifest["towers"]) == ["text"]
+    assert manifest["towers"]["text"]["default_max_length"] == 512
+    assert manifest["source"]["weights_sha256"]
+
+
+def test_cli_failed_verification_exits_non_zero(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("clipedge.export.verify.MIN_COSINE", 1.5)
+    assert main(["export", str(CHECKPOINT), "-o", str(tmp_path / "b"), "--towers", "text"]) == 1
+    assert "verification FAILED" in capsys.readouterr().err
+
+
+def test_cli_bad_checkpoint_exits_with_message(tmp_path, capsys):
+    directory = copy_checkpoint(tmp_path, lambda t: t.pop(QKV))
+    assert main(["export", str(directory), "-o", str(tmp_path / "b")]) == 1
+    assert "Wqkv" in capsys.readouterr().err
