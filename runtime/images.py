@@ -1,0 +1,296 @@
+"""Image decoding and preprocessing, equal to the official jina-clip-v2 image pipeline.
+
+Official pipeline: `Image.open(...).convert("RGB")`, torchvision `Resize(size, BICUBIC)` of the
+shortest side (= PIL's antialiased bicubic, long side `int(size * long / short)`),
+`CenterCrop(size)` with `int(round((H - size) / 2.0))`, `ToTensor()` (x / 255 in float32) and
+`Normalize(mean, std)`. Everything here reproduces that bit for bit, only faster:
+
+- landscape images are cropped between PIL's two separable passes (horizontal, then vertical,
+  each rounded to uint8 in PIL too), so the vertical pass only computes the kept columns;
+- `(x / 255 - mean) / std` takes only 256 values per channel, so it is a float32 lookup table
+  computed with the same float32 operations as torch.
+
+Errors are `ImageInputError`s naming the item index, so a batch caller can report which input
+failed. EXIF orientation is not applied (the official pipeline does not either).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http.client
+import io
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from PIL import Image
+
+# Pillow's own warning threshold (about 9459 x 9459, 268 MB as decoded RGB). Pillow itself refuses
+# images above twice its threshold, so larger limits also need Image.MAX_IMAGE_PIXELS raised.
+DEFAULT_MAX_PIXELS = 89_478_485
+DEFAULT_MAX_URL_BYTES = 32 * 1024 * 1024
+DEFAULT_URL_TIMEOUT = 10.0
+
+ImageInput = (
+    str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO | Image.Image | np.ndarray
+)
+ImageLoader = Callable[[Any, int], Image.Image]
+
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+class ImageInputError(ValueError):
+    """An input image could not be used; the message names the item index and the reason."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(f"item {index}: {reason}")
+        self.index = index
+        self.reason = reason
+
+
+def load_image(
+    item: ImageInput,
+    index: int,
+    *,
+    allow_urls: bool = False,
+    url_timeout: float = DEFAULT_URL_TIMEOUT,
+    max_url_bytes: int = DEFAULT_MAX_URL_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Decode one input to an RGB PIL image exactly as the official code does.
+
+    Accepted: file paths (str or os.PathLike), encoded bytes, binary file objects, PIL images,
+    uint8 NumPy arrays (HxW and HxWx1 as gray, HxWx3 RGB, HxWx4 RGBA), `data:image/...;base64,`
+    URIs and, only with `allow_urls=True`, http(s) URLs (`url_timeout` seconds per socket
+    operation, at most `max_url_bytes`). Images with more than `max_pixels` pixels are refused,
+    for encoded inputs from the header before decoding. RGB conversion is PIL's
+    `convert("RGB")`: alpha is dropped without compositing, gray is replicated, palette and CMYK
+    are converted as PIL does.
+    """
+    if item is None:
+        raise ImageInputError(index, "got None instead of an image")
+    if isinstance(item, Image.Image):
+        _check_size(item.size, index, max_pixels)
+        return _to_rgb(item, index)
+    if isinstance(item, np.ndarray):
+        image = _image_from_array(item, index)
+        _check_size(image.size, index, max_pixels)
+        return _to_rgb(image, index)
+    source = _encoded_source(item, index, allow_urls, url_timeout, max_url_bytes)
+    try:
+        opened = Image.open(source)
+    except Image.DecompressionBombError as exc:
+        raise ImageInputError(index, f"image too large: {exc}") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageInputError(index, "not a recognised image file (or corrupt header)") from exc
+    except OSError as exc:
+        raise ImageInputError(index, f"cannot read the image: {exc}") from exc
+    # Leaving the block closes a file Pillow opened itself (paths), never a caller's stream.
+    with opened as image:
+        _check_size(image.size, index, max_pixels)
+        return _to_rgb(image, index)
+
+
+def _encoded_source(
+    item: Any, index: int, allow_urls: bool, url_timeout: float, max_url_bytes: int
+) -> str | BinaryIO:
+    """A path or binary stream for `Image.open`, from every input kind that holds encoded data."""
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return io.BytesIO(item)
+    if isinstance(item, str) and item.startswith("data:"):
+        return io.BytesIO(_data_uri_bytes(item, index))
+    if isinstance(item, str) and _URL_SCHEME.match(item):
+        return io.BytesIO(_url_bytes(item, index, allow_urls, url_timeout, max_url_bytes))
+    if isinstance(item, (str, os.PathLike)):
+        path = Path(item)
+        if not path.exists():
+            raise ImageInputError(index, f"file not found: {path}")
+        if not path.is_file():
+            raise ImageInputError(index, f"not a regular file: {path}")
+        return os.fspath(path)
+    if isinstance(item, io.TextIOBase):
+        raise ImageInputError(index, "file object is opened in text mode; open it with 'rb'")
+    if hasattr(item, "read"):
+        return item
+    raise ImageInputError(index, f"unsupported input type {type(item).__name__}")
+
+
+def _check_size(size: tuple[int, int], index: int, max_pixels: int) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise ImageInputError(index, f"empty image ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageInputError(
+            index, f"image too large: {width}x{height} pixels exceeds max_pixels={max_pixels}"
+        )
+
+
+def _to_rgb(image: Image.Image, index: int) -> Image.Image:
+    """Decode the pixel data (lazy until now) and convert like the official `convert("RGB")`."""
+    try:
+        image.load()
+    # Pillow's format plugins raise many exception types on malformed data.
+    except Exception as exc:
+        raise ImageInputError(index, f"corrupt or truncated image data: {exc}") from exc
+    if image.mode == "RGB":
+        return image
+    try:
+        return image.convert("RGB")
+    except ValueError as exc:
+        raise ImageInputError(index, f"cannot convert mode {image.mode} to RGB: {exc}") from exc
+
+
+def _image_from_array(array: np.ndarray, index: int) -> Image.Image:
+    if array.dtype != np.uint8:
+        raise ImageInputError(index, f"NumPy image must have dtype uint8, got {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise ImageInputError(
+            index, f"NumPy image must be HxW, HxWx1, HxWx3 or HxWx4, got shape {array.shape}"
+        )
+    if 0 in array.shape:
+        raise ImageInputError(index, f"empty image (array shape {array.shape})")
+    # uint8 HxW, HxWx3 and HxWx4 become PIL modes L, RGB and RGBA.
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def _data_uri_bytes(uri: str, index: int) -> bytes:
+    header, comma, payload = uri.partition(",")
+    if not comma or not header.startswith("data:image/") or not header.endswith(";base64"):
+        raise ImageInputError(index, "data URI must look like 'data:image/<type>;base64,<data>'")
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageInputError(index, f"data URI payload is not valid base64: {exc}") from exc
+
+
+def _url_bytes(url: str, index: int, allow: bool, timeout: float, max_bytes: int) -> bytes:
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in ("http", "https"):
+        raise ImageInputError(index, f"unsupported URL scheme {scheme!r} (only http and https)")
+    if not allow:
+        raise ImageInputError(index, f"URL inputs are disabled (allow_urls=False): {url}")
+    request = urllib.request.Request(url, headers={"User-Agent": "clipedge"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            declared = response.headers.get("Content-Length", "")
+            too_large = declared.isdigit() and int(declared) > max_bytes
+            data = b"" if too_large else response.read(max_bytes + 1)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise ImageInputError(index, f"cannot fetch {url}: {exc}") from exc
+    if too_large or len(data) > max_bytes:
+        raise ImageInputError(index, f"URL body exceeds max_url_bytes={max_bytes}")
+    return data
+
+
+class ImagePreprocessor:
+    """Shortest-side bicubic resize, centre crop and mean/std normalisation to float32 CHW."""
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a positive int, got {size!r}")
+        mean32 = np.asarray(mean, dtype=np.float32)
+        std32 = np.asarray(std, dtype=np.float32)
+        if mean32.shape != (3,) or std32.shape != (3,) or not np.all(std32 > 0):
+            raise ValueError(f"mean and std need 3 values (std > 0), got {mean} and {std}")
+        self.size = size
+        # The same float32 operations as ToTensor (x / 255) then Normalize ((x - mean) / std).
+        levels = np.arange(256, dtype=np.float32) / np.float32(255)
+        self._table = (levels[None, :] - mean32[:, None]) / std32[:, None]
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ImagePreprocessor:
+        """Build from the fields of a jina-clip `preprocessor_config.json`."""
+        for key, supported in (("resize_mode", "shortest"), ("interpolation", "bicubic")):
+            if config.get(key, supported) != supported:
+                raise ValueError(f"unsupported {key} {config[key]!r} (only {supported!r})")
+        return cls(int(config["size"]), config["mean"], config["std"])
+
+    @classmethod
+    def from_config_file(cls, path: str | os.PathLike[str]) -> ImagePreprocessor:
+        return cls.from_config(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def resize_and_crop(self, image: Image.Image) -> np.ndarray:
+        """RGB image -> uint8 [size, size, 3], equal to PIL resize followed by the centre crop."""
+        size = self.size
+        width, height = image.size
+        if width > height:
+            new_width = int(size * width / height)
+            left = int(round((new_width - size) / 2.0))
+            if new_width != width:
+                image = image.resize((new_width, height), Image.Resampling.BICUBIC)
+            image = image.crop((left, 0, left + size, height))
+            if height != size:
+                image = image.resize((size, size), Image.Resampling.BICUBIC)
+            return np.asarray(image)
+        new_height = int(size * height / width)
+        top = int(round((new_height - size) / 2.0))
+        if (width, height) != (size, new_height):
+            image = image.resize((size, new_height), Image.Resampling.BICUBIC)
+        return np.asarray(image)[top : top + size]
+
+    def normalize(self, pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """uint8 [H, W, 3] -> float32 [3, H, W] via the per-channel lookup table."""
+        if out is None:
+            out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
+        for channel in range(3):
+            # mode="clip" avoids the buffered bounds check; uint8 indices are always in range.
+            np.take(self._table[channel], pixels[:, :, channel], out=out[channel], mode="clip")
+        return out
+
+    def __call__(self, image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
+        """RGB PIL image -> float32 [3, size, size] (written into `out` when given)."""
+        return self.normalize(self.resize_and_crop(image), out)
+
+
+def preprocess_images_collect(
+    items: Sequence[ImageInput],
+    preprocessor: ImagePreprocessor,
+    *,
+    load: ImageLoader = load_image,
+    executor: Executor | None = None,
+) -> tuple[np.ndarray, list[ImageInputError | None]]:
+    """Preprocess every item, keeping going past bad ones.
+
+    Returns the float32 [N, 3, S, S] batch and one entry per item: None, or the item's
+    `ImageInputError` (its row is zeros). `load` is e.g. `functools.partial(load_image,
+    allow_urls=True)`; with an `executor` items run in parallel (Pillow releases the GIL).
+    """
+    size = preprocessor.size
+    pixels = np.empty((len(items), 3, size, size), dtype=np.float32)
+
+    def run(index: int) -> ImageInputError | None:
+        try:
+            preprocessor(load(items[index], index), out=pixels[index])
+        except ImageInputError as exc:
+            pixels[index] = 0.0
+            return exc
+        return None
+
+    indices = range(len(items))
+    errors = list(executor.map(run, indices) if executor else map(run, indices))
+    return pixels, errors
+
+
+def preprocess_images(
+    items: Sequence[ImageInput],
+    preprocessor: ImagePreprocessor,
+    *,
+    load: ImageLoader = load_image,
+    executor: Executor | None = None,
+) -> np.ndarray:
+    """Preprocess a batch to float32 [N, 3, S, S]; raises the lowest-index `ImageInputError`."""
+    pixels, errors = preprocess_images_collect(items, preprocessor, load=load, executor=executor)
+    for error in errors:
+        if error is not None:
+            raise error
+    return pixels
