@@ -9,11 +9,18 @@ import onnx
 import torch
 
 from clipedge import __version__
-from clipedge.manifest import GraphEntry, Manifest, TensorSpec, TowerManifest
+from clipedge.manifest import (
+    MANIFEST_NAME,
+    GraphEntry,
+    Manifest,
+    TensorSpec,
+    TowerManifest,
+    sha256_file,
+)
 
 from .config import ClipConfig
 from .onnx_export import ExportedGraph
-from .source import OPTIONAL_FILES, CheckpointSource, sha256_file
+from .source import OPTIONAL_FILES, CheckpointSource
 
 TOKENIZER_FILE = "tokenizer.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -51,7 +58,6 @@ def _tower_manifest(graph: ExportedGraph, cfg: ClipConfig) -> TowerManifest:
     entry = GraphEntry(
         file=graph.path.name,
         precision="fp32",
-        sha256=sha256_file(graph.path),
         external_data=graph.external_data.name if graph.external_data else None,
     )
     return TowerManifest(
@@ -62,6 +68,15 @@ def _tower_manifest(graph: ExportedGraph, cfg: ClipConfig) -> TowerManifest:
         pooling=pooling,
         extra=extra,
     )
+
+
+def describe_files(bundle_dir: Path) -> dict[str, dict[str, object]]:
+    """Size and sha256 of every file in the bundle (the manifest itself excluded)."""
+    return {
+        path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        for path in sorted(bundle_dir.iterdir())
+        if path.is_file() and path.name != MANIFEST_NAME
+    }
 
 
 def write_manifest(
@@ -75,6 +90,7 @@ def write_manifest(
         task_instructions=cfg.text.task_instructions,
         towers={graph.tower: _tower_manifest(graph, cfg) for graph in graphs},
         source=source.origin,
+        files=describe_files(bundle_dir),
         versions={
             "clipedge": __version__,
             "torch": torch.__version__,

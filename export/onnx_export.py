@@ -22,6 +22,8 @@ from .config import ClipConfig
 from .graph_check import GraphReport, check_graph
 
 log = logging.getLogger(__name__)
+# The exporter logs a warning per torchvision op it cannot register; clipedge uses none.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 DEFAULT_OPSET = 18
 PROTOBUF_LIMIT = 2**31 - 1

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
+
+from clipedge.manifest import sha256_file
 
 from .config import ClipConfig, parse_config
 from .weights import TensorStore
@@ -36,14 +37,6 @@ class CheckpointSource:
         handle = safe_open(str(self.directory / WEIGHTS_FILE), framework="pt")
         shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
         return TensorStore(shapes, handle.get_tensor)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while block := stream.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_source(source: str, revision: str | None = None) -> CheckpointSource:

@@ -7,6 +7,7 @@ manifest carries every number the pre- and post-processing use.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,6 @@ class GraphEntry:
 
     file: str
     precision: str
-    sha256: str
     external_data: str | None = None
 
     @classmethod
@@ -51,17 +51,11 @@ class GraphEntry:
         return cls(
             file=data["file"],
             precision=data["precision"],
-            sha256=data["sha256"],
             external_data=data.get("external_data"),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "file": self.file,
-            "precision": self.precision,
-            "sha256": self.sha256,
-            "external_data": self.external_data,
-        }
+        return {"file": self.file, "precision": self.precision, "external_data": self.external_data}
 
 
 @dataclass(frozen=True)
@@ -108,6 +102,8 @@ class Manifest:
 
     Text extra keys: tokenizer (file name), pad_token_id, default_max_length, max_length.
     Vision extra keys: image_size, preprocessor (file name).
+    `files` maps every file of the bundle to its size in bytes and sha256, so a missing or
+    truncated file is found when the bundle is opened.
     """
 
     embed_dim: int
@@ -117,6 +113,7 @@ class Manifest:
     towers: dict[str, TowerManifest]
     source: dict[str, Any]
     versions: dict[str, str]
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     @classmethod
@@ -129,6 +126,7 @@ class Manifest:
             towers={k: TowerManifest.from_dict(v) for k, v in data["towers"].items()},
             source=dict(data.get("source", {})),
             versions=dict(data.get("versions", {})),
+            files={name: dict(info) for name, info in data["files"].items()},
             format_version=int(data["format_version"]),
         )
 
@@ -143,6 +141,7 @@ class Manifest:
             "towers": {k: v.to_dict() for k, v in self.towers.items()},
             "source": self.source,
             "versions": self.versions,
+            "files": self.files,
         }
 
     def save(self, bundle_dir: str | Path) -> Path:
@@ -177,3 +176,12 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
         return Manifest.from_dict(data)
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{path} is incomplete or malformed: {exc!r}") from exc
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    """Hex sha256 of a file, read in chunks (graphs can be several GB)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while block := stream.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

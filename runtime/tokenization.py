@@ -68,12 +68,8 @@ class TextTokenizer:
                 return len(full) - start - len(bare)
         raise ValueError("tokenizer post-processor does not wrap the text in special tokens")
 
-    def encode(self, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
-        """Tokenise, truncate to `max_length` tokens and right-pad to the longest item.
-
-        The mask is `input_ids != pad_token_id`, which is what the official model computes from
-        the ids (it ignores the tokenizer's own mask).
-        """
+    def tokenize(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
+        """Token ids per text, `<s> ... </s>`, truncated to `max_length` tokens (no padding)."""
         check_max_length(max_length)
         check_texts(texts)
         keep = max_length - self._suffix_length
@@ -83,8 +79,20 @@ class TextTokenizer:
             if len(ids) > max_length:
                 ids = ids[:keep] + ids[len(ids) - self._suffix_length :]
             rows.append(ids)
+        return rows
+
+    def pad(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Right-pad to the longest row: `input_ids` and `attention_mask`, int64 [B, L].
+
+        The mask is `input_ids != pad_token_id`, which is what the official model computes from
+        the ids (it ignores the tokenizer's own mask).
+        """
         width = max((len(ids) for ids in rows), default=0)
         input_ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
         for row, ids in zip(input_ids, rows, strict=True):
             row[: len(ids)] = ids
         return input_ids, (input_ids != self.pad_token_id).astype(np.int64)
+
+    def encode(self, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokenise, truncate to `max_length` tokens and right-pad to the longest item."""
+        return self.pad(self.tokenize(texts, max_length))
