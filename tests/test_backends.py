@@ -1,0 +1,69 @@
+"""Backend selection and TensorRT EP settings (the logic runs anywhere; GPU runs are skipped)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import clipedge
+from clipedge.backends import _providers_for, tensorrt_provider_options
+
+from conftest import expected
+
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+HAS_TRT = "TensorrtExecutionProvider" in ort.get_available_providers()
+
+
+def test_auto_picks_best_available():
+    providers = _providers_for("auto")
+    best = next(p for p in providers if p in ort.get_available_providers())
+    assert providers[0] == best and providers[-1] == "CPUExecutionProvider"
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        _providers_for("tpu")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the fallback path of a CPU-only onnxruntime")
+def test_requested_gpu_backend_falls_back_with_warning(tiny_bundle):
+    with pytest.warns(RuntimeWarning, match="falling back to CPUExecutionProvider"):
+        model = clipedge.load(tiny_bundle, backend="cuda")
+        model.encode_text("a")
+    assert model.session("text").provider == "CPUExecutionProvider"
+
+
+def test_tensorrt_profile_options(tmp_path):
+    options = tensorrt_provider_options(
+        {
+            "input_ids": ([1, 1], [8, 512], [32, 8192]),
+            "attention_mask": ([1, 1], [8, 512], [32, 8192]),
+        },
+        tmp_path,
+    )
+    assert options["trt_profile_min_shapes"] == "input_ids:1x1,attention_mask:1x1"
+    assert options["trt_profile_opt_shapes"] == "input_ids:8x512,attention_mask:8x512"
+    assert options["trt_profile_max_shapes"] == "input_ids:32x8192,attention_mask:32x8192"
+    assert options["trt_engine_cache_enable"] == "True"
+    assert options["trt_engine_cache_path"] == str(tmp_path)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("optimization", ["disable", "basic", "all"])
+def test_session_settings_keep_results(tiny_bundle, reference, threads, optimization):
+    model = clipedge.load(tiny_bundle, backend="cpu", threads=threads, optimization=optimization)
+    out = model.encode_text(reference["texts"])
+    assert np.abs(out - expected("text_default_norm.npy")).max() <= 2e-5
+
+
+NEEDS_TRT = pytest.mark.skipif(not HAS_TRT, reason="needs the TensorRT execution provider")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and an NVIDIA GPU")
+@pytest.mark.parametrize("backend", ["cuda", pytest.param("tensorrt", marks=NEEDS_TRT)])
+def test_gpu_backends_match_official(tiny_bundle, reference, backend):
+    model = clipedge.load(tiny_bundle, backend=backend)
+    out = model.encode_text(reference["texts"])
+    assert np.abs(out - expected("text_default_norm.npy")).max() <= 1e-4
