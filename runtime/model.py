@@ -154,6 +154,20 @@ class ClipEdgeModel:
             )
         return preprocessor
 
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        """The bundle's tokenizer (calibration uses it to see exactly what production sees)."""
+        self._tower("text")
+        assert self._tokenizer is not None
+        return self._tokenizer
+
+    @property
+    def preprocessor(self) -> ImagePreprocessor:
+        """The bundle's image preprocessor."""
+        self._tower("vision")
+        assert self._preprocessor is not None
+        return self._preprocessor
+
     # ----- sessions --------------------------------------------------------------------------
 
     def session(self, tower_name: str) -> TowerSession:
@@ -232,13 +246,12 @@ class ClipEdgeModel:
                     f"unknown task {task!r}; valid tasks: {', '.join(instructions)} (or None)"
                 )
             texts = apply_instruction(texts, instructions[task])
-        assert self._tokenizer is not None
-        token_rows = self._tokenizer.tokenize(texts, max_length)
+        token_rows = self.tokenizer.tokenize(texts, max_length)
         session = self.session("text")
         result = np.empty((len(texts), self.manifest.embed_dim), dtype=np.float32)
         bar = _progress(len(texts), show_progress_bar, "encode_text")
         for indices in length_sorted_batches([len(r) for r in token_rows], batch_size):
-            input_ids, mask = self._tokenizer.pad([token_rows[i] for i in indices])
+            input_ids, mask = self.tokenizer.pad([token_rows[i] for i in indices])
             output = session.run({"input_ids": input_ids, "attention_mask": mask})
             result[indices] = self._pool("text", output, mask)
             if bar is not None:
