@@ -56,6 +56,17 @@ def sample_inputs(tower: str, cfg: ClipConfig) -> tuple[torch.Tensor, ...]:
     return (torch.zeros(TRACE_BATCH, 3, size, size),)
 
 
+# Kept: the module scope of each node, which maps nodes to blocks for mixed precision.
+KEPT_METADATA = ("pkg.torch.onnx.name_scopes",)
+
+
+def _strip_debug_metadata(model) -> None:
+    """Drop the exporter's stack traces and FX dumps (local paths, megabytes of text)."""
+    for node in model.graph.all_nodes():
+        for key in [k for k in node.metadata_props if k not in KEPT_METADATA]:
+            del node.metadata_props[key]
+
+
 def export_tower(
     module: torch.nn.Module,
     tower: str,
@@ -91,6 +102,7 @@ def export_tower(
             verbose=False,
         )
     log.debug("torch.onnx output:\n%s", chatter.getvalue())
+    _strip_debug_metadata(program.model)
     path = out_dir / f"{tower}.onnx"
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     external = weight_bytes > PROTOBUF_LIMIT - (64 << 20)

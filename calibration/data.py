@@ -1,0 +1,154 @@
+"""Calibration data: the user's images and texts, sampled deterministically and turned into
+graph inputs by the runtime's own tokenizer and image pipeline, so that calibration sees
+exactly what production sees.
+
+Images: a directory (searched recursively), a glob, a text file listing one path per line, or
+a list of paths. Texts: a `.txt` file (one per line) or a `.jsonl` file with a `text` field.
+Every text is used twice, plain and with each task instruction (query prompts), because both
+forms reach the text tower in production.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from clipedge.model import ClipEdgeModel
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+Feed = dict[str, np.ndarray]
+
+
+class CalibrationDataError(ValueError):
+    """Calibration inputs are missing, empty or unreadable."""
+
+
+def find_images(spec: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Resolve DIR | GLOB | LIST-FILE | list of paths to sorted image paths."""
+    if not isinstance(spec, str | Path):
+        paths = [Path(p) for p in spec]
+    else:
+        path = Path(spec)
+        if path.is_dir():
+            paths = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+        elif path.is_file() and path.suffix.lower() in {".txt", ".lst"}:
+            lines = path.read_text().splitlines()
+            paths = [Path(line.strip()) for line in lines if line.strip()]
+        elif path.is_file():
+            paths = [path]
+        else:
+            paths = [Path(p) for p in glob.glob(str(spec), recursive=True)]
+    paths = sorted(set(paths))
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise CalibrationDataError(f"calibration images not found: {', '.join(missing[:5])}")
+    if not paths:
+        raise CalibrationDataError(f"no calibration images found for {spec!r}")
+    return paths
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """Texts from a .txt file (one per line) or a .jsonl file (a `text` field per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationDataError(f"calibration text file {path} does not exist")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix.lower() == ".jsonl":
+        texts = []
+        for number, line in enumerate(lines, 1):
+            try:
+                texts.append(str(json.loads(line)["text"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CalibrationDataError(f"{path}:{number}: no 'text' field ({exc})") from exc
+    else:
+        texts = [line.strip() for line in lines]
+    if not texts:
+        raise CalibrationDataError(f"{path} holds no texts")
+    return texts
+
+
+def sample(items: Sequence, limit: int | None, seed: int) -> list:
+    """A deterministic sample of at most `limit` items (all of them, shuffled, if None)."""
+    chosen = list(items)
+    random.Random(seed).shuffle(chosen)
+    return chosen if limit is None else chosen[:limit]
+
+
+def split_held_out(items: Sequence, held_out_fraction: float) -> tuple[list, list]:
+    """Calibrate on the first part, report accuracy on the rest (never seen by calibration)."""
+    if len(items) < 2:
+        raise CalibrationDataError("need at least 2 calibration items to hold some out")
+    held = min(len(items) - 1, max(1, round(len(items) * held_out_fraction)))
+    return list(items[:-held]), list(items[-held:])
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Sampled inputs for one export, already split into calibration and held-out parts."""
+
+    images: list[Path]
+    held_out_images: list[Path]
+    texts: list[str]
+    held_out_texts: list[str]
+
+    @classmethod
+    def from_sources(
+        cls,
+        images: str | Path | Sequence[str | Path] | None,
+        texts: str | Path | None,
+        limit: int | None = 256,
+        held_out_fraction: float = 0.25,
+        seed: int = 0,
+    ) -> CalibrationSet:
+        image_paths = sample(find_images(images), limit, seed) if images is not None else []
+        text_items = sample(read_texts(texts), limit, seed) if texts is not None else []
+        calib_images, held_images = split_held_out(image_paths) if image_paths else ([], [])
+        calib_texts, held_texts = split_held_out(text_items) if text_items else ([], [])
+        return cls(calib_images, held_images, calib_texts, held_texts)
+
+
+def with_task_prompts(texts: Sequence[str], instructions: dict[str, str]) -> list[str]:
+    """Each text plain and with every non-empty task instruction prepended."""
+    prompts = [p for p in instructions.values() if p]
+    return [prefix + text for text in texts for prefix in ["", *prompts]]
+
+
+def text_feeds(
+    model: ClipEdgeModel, texts: Sequence[str], batch_size: int = 8, max_length: int = 512
+) -> Iterator[Feed]:
+    """Graph inputs for texts, tokenised exactly as `encode_text` does (query prompts added)."""
+    rows = model.tokenizer.tokenize(
+        with_task_prompts(texts, model.manifest.task_instructions), max_length
+    )
+    for start in range(0, len(rows), batch_size):
+        input_ids, mask = model.tokenizer.pad(rows[start : start + batch_size])
+        yield {"input_ids": input_ids, "attention_mask": mask}
+
+
+def image_feeds(
+    model: ClipEdgeModel, images: Sequence[Path], batch_size: int = 4
+) -> Iterator[Feed]:
+    """Graph inputs for images, preprocessed exactly as `encode_image` does."""
+    for start in range(0, len(images), batch_size):
+        yield {"pixel_values": model.preprocess_images(images[start : start + batch_size])}
+
+
+def tower_feeds(
+    model: ClipEdgeModel, tower: str, calib: CalibrationSet, held_out: bool
+) -> list[Feed]:
+    """All feeds of one tower for the calibration or the held-out part."""
+    if tower == "text":
+        texts = calib.held_out_texts if held_out else calib.texts
+        if not texts:
+            raise CalibrationDataError("the text tower needs --calibration-texts")
+        return list(text_feeds(model, texts))
+    images = calib.held_out_images if held_out else calib.images
+    if not images:
+        raise CalibrationDataError("the vision tower needs --calibration-images")
+    return list(image_feeds(model, images))
