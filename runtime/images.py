@@ -23,7 +23,6 @@ import io
 import json
 import os
 import re
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
@@ -44,7 +43,7 @@ ImageInput = (
 )
 ImageLoader = Callable[[Any, int], Image.Image]
 
-_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class ImageInputError(ValueError):

@@ -1,0 +1,211 @@
+"""Throughput of the runtime's pre-processing: image decode/resize/normalise and tokenisation.
+
+Images: a deterministic photo-like 1280x848 JPEG (quality 90), measured stage by stage on one
+thread, end to end on one thread, and through a thread pool. Text: `TextTokenizer.encode` on
+batches of 32 short (~10 words) and long (~400 tokens) texts. Prints a markdown table and writes
+the figures as JSON to --out. The image path is checked bit for bit against a plain PIL
+resize-then-crop and float32 arithmetic before timing.
+
+    python benchmarks/bench_preprocess.py --out bench_preprocess.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import PIL
+import tokenizers
+from PIL import Image, ImageDraw, ImageFilter
+
+from clipedge.images import ImagePreprocessor, load_image, preprocess_images
+from clipedge.tokenization import TextTokenizer
+
+FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "jina-clip-v2-tiny"
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+WORDS = (
+    "the quick brown fox jumps over a lazy dog near river bank with beautiful sunset on "
+    "beach palm trees photo of cat sitting red sofa city street at night under rain"
+).split()
+
+
+def photo_like_jpeg(width: int = 1280, height: int = 848, quality: int = 90) -> bytes:
+    """Smooth colour fields, blurred shapes and sensor-like noise: JPEG-coded like a photo."""
+    rng = np.random.default_rng(20241122)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    field = np.full((height, width, 3), 120.0, dtype=np.float32)
+    for channel in range(3):
+        for _ in range(6):
+            fx, fy = rng.uniform(0.5, 6.0, 2)
+            phase = rng.uniform(0.0, 2 * np.pi)
+            wave = np.sin(2 * np.pi * (fx * xx / width + fy * yy / height) + phase)
+            field[..., channel] += rng.uniform(10, 40) * wave
+    image = Image.fromarray(np.clip(field, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(150):
+        x, y, r = (
+            int(rng.integers(0, width)),
+            int(rng.integers(0, height)),
+            int(rng.integers(5, 120)),
+        )
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        if rng.random() < 0.5:
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+        else:
+            draw.rectangle((x, y, x + r, y + r // 2), fill=colour)
+    blurred = np.asarray(image.filter(ImageFilter.GaussianBlur(1.5)), dtype=np.int16)
+    noisy = blurred + rng.normal(0, 6, blurred.shape).astype(np.int16)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def plain_reference(data: bytes, size: int) -> np.ndarray:
+    """The official pipeline written plainly: open, convert, resize, crop, x/255, (x-m)/s."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_w, new_h = (size, int(size * long / short))[:: 1 if width <= height else -1]
+    resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    pixels = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32)
+    scaled = pixels / np.float32(255)
+    mean, std = np.asarray(CLIP_MEAN, np.float32), np.asarray(CLIP_STD, np.float32)
+    return ((scaled - mean) / std).transpose(2, 0, 1)
+
+
+def timed_row(stage: str, fn: Callable[[], object], items: int, calls: int, rounds: int) -> dict:
+    """Time `rounds` rounds of `calls` calls (after a warm-up call), each call handling `items`.
+
+    Shared machines are noisy: the median round is the typical figure, the best round the
+    closest to the code's own cost.
+    """
+    fn()
+    per_item = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        per_item.append((time.perf_counter() - start) / (calls * items))
+    median, best = statistics.median(per_item), min(per_item)
+    return {
+        "stage": stage,
+        "ms_per_item": median * 1e3,
+        "items_per_s": 1 / median,
+        "best_ms_per_item": best * 1e3,
+        "best_items_per_s": 1 / best,
+    }
+
+
+def bench_images(args: argparse.Namespace) -> tuple[list[dict], bool]:
+    data = photo_like_jpeg()
+    preprocessor = ImagePreprocessor(args.size, CLIP_MEAN, CLIP_STD)
+    ours = preprocessor(load_image(data, 0))
+    exact = bool(np.array_equal(ours, plain_reference(data, args.size)))
+    decoded = load_image(data, 0)
+    cropped = preprocessor.resize_and_crop(decoded)
+    out = np.empty((3, args.size, args.size), dtype=np.float32)
+    single = {
+        "decode (bytes -> RGB), 1 thread": lambda: load_image(data, 0),
+        "resize + crop, 1 thread": lambda: preprocessor.resize_and_crop(decoded),
+        "normalise, 1 thread": lambda: preprocessor.normalize(cropped, out),
+        "total, 1 thread": lambda: preprocessor(load_image(data, 0), out),
+    }
+    rows = [timed_row(stage, fn, 1, args.image_calls, args.rounds) for stage, fn in single.items()]
+    batch = [data] * args.pool_batch
+    with ThreadPoolExecutor(max_workers=args.workers) as executor:
+        rows.append(
+            timed_row(
+                f"total, thread pool x{args.workers}",
+                lambda: preprocess_images(batch, preprocessor, executor=executor),
+                len(batch),
+                1,
+                args.rounds,
+            )
+        )
+    return rows, exact
+
+
+def bench_text(args: argparse.Namespace) -> list[dict]:
+    tokenizer = TextTokenizer(args.tokenizer, pad_token_id=1)
+    rng = np.random.default_rng(0)
+    short = [" ".join(rng.choice(WORDS, 10)) for _ in range(32)]
+    words = []
+    while len(tokenizer.encode([" ".join(words)], 8192)[0][0]) < 400:
+        words.append(str(rng.choice(WORDS)))
+    long_text = " ".join(words)
+    long = [long_text[offset:] + " " + long_text[:offset] for offset in range(32)]
+    rows = []
+    for name, texts in (("short (~10 words)", short), ("long (~400 tokens)", long)):
+        row = timed_row(
+            f"tokenise {name}, batch 32",
+            lambda t=texts: tokenizer.encode(t, 512),
+            len(texts),
+            20,
+            args.rounds,
+        )
+        row["mean_tokens"] = float(tokenizer.encode(texts, 512)[1].sum(axis=1).mean())
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="where to write the JSON figures")
+    parser.add_argument(
+        "--size", type=int, default=512, help="model input size (jina-clip-v2: 512)"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="thread-pool size")
+    parser.add_argument("--pool-batch", type=int, default=64, help="images per pooled batch")
+    parser.add_argument("--image-calls", type=int, default=30, help="calls per timing round")
+    parser.add_argument("--rounds", type=int, default=7, help="timing rounds (median reported)")
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=FIXTURE / "checkpoint" / "tokenizer.json",
+        help="tokenizer.json to time (default: the tiny fixture's 317-piece tokenizer)",
+    )
+    args = parser.parse_args()
+
+    image_rows, exact = bench_images(args)
+    text_rows = bench_text(args)
+    print(f"image {args.size}x{args.size} from a 1280x848 JPEG q90; exact parity: {exact}\n")
+    print("| stage | ms/item (median) | items/s (median) | items/s (best round) |")
+    print("|---|---:|---:|---:|")
+    for row in image_rows + text_rows:
+        print(
+            f"| {row['stage']} | {row['ms_per_item']:.3f} | {row['items_per_s']:.1f} "
+            f"| {row['best_items_per_s']:.1f} |"
+        )
+    result = {
+        "exact_parity": exact,
+        "image_size": args.size,
+        "source_image": "photo-like 1280x848 JPEG, quality 90",
+        "images": image_rows,
+        "text": text_rows,
+        "tokenizer": str(args.tokenizer),
+        "environment": {
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "pillow": PIL.__version__,
+            "tokenizers": tokenizers.__version__,
+        },
+    }
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
