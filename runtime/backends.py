@@ -20,6 +20,7 @@ from .manifest import BundleError
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "cpu", "cuda", "tensorrt")
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 OPT_LEVELS = {"disable": 0, "basic": 1, "extended": 2, "all": 99}
 
 
@@ -45,7 +46,8 @@ class SessionOptions:
     provider_options: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
-def _providers_for(backend: str) -> list[str]:
+def resolve_providers(backend: str) -> list[str]:
+    """onnxruntime providers for a backend name, best first; warns when one is missing."""
     import onnxruntime as ort
 
     available = set(ort.get_available_providers())
@@ -108,7 +110,7 @@ class OrtSession:
     def __init__(
         self,
         graph: Path,
-        backend: str,
+        providers: list[str],
         options: SessionOptions,
         trt_shapes: dict[str, tuple[list[int], list[int], list[int]]] | None = None,
     ) -> None:
@@ -122,7 +124,6 @@ class OrtSession:
         )
         if options.threads is not None:
             session_options.intra_op_num_threads = options.threads
-        providers = _providers_for(backend)
         provider_options = []
         for name in providers:
             extra = dict(options.provider_options.get(name, {}))
@@ -148,3 +149,8 @@ class OrtSession:
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self._session.run(None, feeds)[0]
+
+
+def device_kind(providers: list[str]) -> str:
+    """ "gpu" when the first provider runs on an NVIDIA GPU, else "cpu"."""
+    return "gpu" if providers[0] in GPU_PROVIDERS else "cpu"

@@ -40,11 +40,22 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class GraphEntry:
-    """One graph file of a tower at one precision."""
+    """One graph file of a tower at one precision.
+
+    `device` says where the graph is meant to run fast: "any" (fp32), "gpu" (fp16 and Q/DQ
+    int8 for TensorRT / CUDA) or "cpu" (onnxruntime CPU int8). `accuracy` summarises the
+    calibration report (cosine to fp32, target, passed); None for the fp32 reference.
+    """
 
     file: str
     precision: str
     external_data: str | None = None
+    device: str = "any"
+    accuracy: dict[str, Any] | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.accuracy is None or bool(self.accuracy.get("passed"))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GraphEntry:
@@ -52,10 +63,18 @@ class GraphEntry:
             file=data["file"],
             precision=data["precision"],
             external_data=data.get("external_data"),
+            device=data.get("device", "any"),
+            accuracy=data.get("accuracy"),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "precision": self.precision, "external_data": self.external_data}
+        return {
+            "file": self.file,
+            "precision": self.precision,
+            "external_data": self.external_data,
+            "device": self.device,
+            "accuracy": self.accuracy,
+        }
 
 
 @dataclass(frozen=True)

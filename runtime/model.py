@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends import OrtSession, SessionOptions, TowerSession
+from .backends import OrtSession, SessionOptions, TowerSession, device_kind, resolve_providers
 from .batching import length_sorted_batches
 from .images import (
     DEFAULT_MAX_PIXELS,
@@ -31,6 +31,7 @@ from .images import (
 )
 from .manifest import BundleError, Manifest, TowerManifest, read_manifest, sha256_file
 from .postprocess import check_truncate_dim, cls_pool, mean_pool, truncate_and_normalize
+from .precision import choose_precision
 from .tokenization import TextTokenizer, apply_instruction, check_max_length
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class ClipEdgeModel:
         self,
         bundle_dir: str | os.PathLike[str],
         backend: str = "auto",
-        precision: str = "fp32",
+        precision: str | None = None,
         threads: int | None = None,
         optimization: str = "all",
         cache_dir: str | os.PathLike[str] | None = None,
@@ -79,7 +80,13 @@ class ClipEdgeModel:
         self.bundle_dir = Path(bundle_dir)
         self.manifest: Manifest = read_manifest(self.bundle_dir)
         self.backend = backend
-        self.precision = precision
+        self.providers = resolve_providers(backend)
+        self.device = device_kind(self.providers)
+        # Per tower: the requested precision, or the fastest that passed on this device.
+        self.precisions = {
+            name: choose_precision(name, tower.graphs, self.device, precision)
+            for name, tower in self.manifest.towers.items()
+        }
         self._options = SessionOptions(
             threads=threads,
             optimization=optimization,
@@ -116,12 +123,6 @@ class ClipEdgeModel:
 
     def _check_files(self, verify_checksums: bool) -> None:
         """Fail at load time on missing, truncated or (optionally) altered bundle files."""
-        for tower_name, tower in self.manifest.towers.items():
-            if self.precision not in tower.graphs:
-                raise BundleError(
-                    f"bundle has no {self.precision} {tower_name} graph "
-                    f"(available: {', '.join(tower.graphs)})"
-                )
         for name, info in self.manifest.files.items():
             path = self.bundle_dir / name
             if not path.is_file():
@@ -175,9 +176,9 @@ class ClipEdgeModel:
         with self._lock:
             if tower_name not in self._sessions:
                 tower = self._tower(tower_name)
-                graph = self.bundle_dir / tower.graphs[self.precision].file
+                graph = self.bundle_dir / tower.graphs[self.precisions[tower_name]].file
                 self._sessions[tower_name] = OrtSession(
-                    graph, self.backend, self._options, self._trt_shapes(tower_name)
+                    graph, self.providers, self._options, self._trt_shapes(tower_name)
                 )
                 log.info(
                     "%s tower: %s on %s",

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 
 import clipedge
-from clipedge.backends import _providers_for, tensorrt_provider_options
+from clipedge.backends import resolve_providers, tensorrt_provider_options
 
 from conftest import expected
 
@@ -16,14 +16,14 @@ HAS_TRT = "TensorrtExecutionProvider" in ort.get_available_providers()
 
 
 def test_auto_picks_best_available():
-    providers = _providers_for("auto")
+    providers = resolve_providers("auto")
     best = next(p for p in providers if p in ort.get_available_providers())
     assert providers[0] == best and providers[-1] == "CPUExecutionProvider"
 
 
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend 'tpu'"):
-        _providers_for("tpu")
+        resolve_providers("tpu")
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the fallback path of a CPU-only onnxruntime")

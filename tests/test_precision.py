@@ -1,0 +1,34 @@
+"""Choosing a tower's precision from the bundle's graphs, the device and the caller's wish."""
+
+from __future__ import annotations
+
+import pytest
+
+from clipedge.manifest import BundleError, GraphEntry
+from clipedge.precision import choose_precision
+
+GRAPHS = {
+    "fp32": GraphEntry("text.onnx", "fp32"),
+    "fp16": GraphEntry("text.fp16.onnx", "fp16", device="gpu", accuracy={"passed": True}),
+    "int8": GraphEntry("text.int8.onnx", "int8", device="gpu", accuracy={"passed": False}),
+    "int8-cpu": GraphEntry("t.i8c.onnx", "int8-cpu", device="cpu", accuracy={"passed": True}),
+}
+
+
+def test_default_is_fastest_passing_graph_for_the_device():
+    assert choose_precision("text", GRAPHS, "cpu") == "int8-cpu"
+    # int8 missed its target, so the GPU gets fp16.
+    assert choose_precision("text", GRAPHS, "gpu") == "fp16"
+    assert choose_precision("text", {"fp32": GRAPHS["fp32"]}, "gpu") == "fp32"
+
+
+def test_requested_precision_is_honoured_with_warnings():
+    with pytest.warns(RuntimeWarning, match="missed its accuracy target"):
+        assert choose_precision("text", GRAPHS, "gpu", "int8") == "int8"
+    with pytest.warns(RuntimeWarning, match="meant for gpu, running on cpu"):
+        assert choose_precision("text", GRAPHS, "cpu", "fp16") == "fp16"
+
+
+def test_missing_precision_lists_available():
+    with pytest.raises(BundleError, match="no bf16 text graph.*fp32, fp16"):
+        choose_precision("text", GRAPHS, "cpu", "bf16")
