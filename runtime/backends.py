@@ -152,5 +152,5 @@ class OrtSession:
 
 
 def device_kind(providers: list[str]) -> str:
-    """ "gpu" when the first provider runs on an NVIDIA GPU, else "cpu"."""
+    """Device class of the first provider: "gpu" (TensorRT/CUDA) or "cpu"."""
     return "gpu" if providers[0] in GPU_PROVIDERS else "cpu"

@@ -76,7 +76,7 @@ class OpenVinoSession:
             self._compiled = core.compile_model(str(graph), device, config)
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
             raise BundleError(f"cannot load {graph} in OpenVINO: {exc}") from exc
-        precision = self._compiled.get_property("INFERENCE_PRECISION_HINT")
+        precision = self._compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         self.provider = f"OpenVINO-{device} {precision}"
         self.input_names = [port.any_name for port in self._compiled.inputs]
         self._output = self._compiled.output(0)
