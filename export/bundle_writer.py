@@ -9,14 +9,7 @@ import onnx
 import torch
 
 from clipedge import __version__
-from clipedge.manifest import (
-    MANIFEST_NAME,
-    GraphEntry,
-    Manifest,
-    TensorSpec,
-    TowerManifest,
-    sha256_file,
-)
+from clipedge.manifest import GraphEntry, Manifest, TensorSpec, TowerManifest, describe_files
 
 from .config import ClipConfig
 from .onnx_export import ExportedGraph
@@ -68,15 +61,6 @@ def _tower_manifest(graph: ExportedGraph, cfg: ClipConfig) -> TowerManifest:
         pooling=pooling,
         extra=extra,
     )
-
-
-def describe_files(bundle_dir: Path) -> dict[str, dict[str, object]]:
-    """Size and sha256 of every file in the bundle (the manifest itself excluded)."""
-    return {
-        path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-        for path in sorted(bundle_dir.iterdir())
-        if path.is_file() and path.name != MANIFEST_NAME
-    }
 
 
 def write_manifest(

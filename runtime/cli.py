@@ -35,7 +35,76 @@ def _export(args: argparse.Namespace) -> int:
         print(f"verification FAILED for: {', '.join(failed)}", file=sys.stderr)
         return 1
     print(f"bundle written to {result.bundle_dir}")
+    if args.precisions:
+        return _calibrate(args, result.bundle_dir)
     return 0
+
+
+def _calibrate(args: argparse.Namespace, bundle_dir=None) -> int:
+    """Add lower-precision graphs with an accuracy report; non-zero exit on a missed target."""
+    try:
+        from clipedge.calibration.data import CalibrationSet
+        from clipedge.calibration.pipeline import calibrate_bundle
+    except ImportError as exc:
+        print(f"calibration needs the export extra ({exc}): pip install 'clipedge[export]'")
+        return 2
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip() and p != "fp32"]
+    targets = {p: args.target_cosine for p in precisions} if args.target_cosine else None
+    try:
+        calibration = CalibrationSet.from_sources(
+            args.calibration_images,
+            args.calibration_texts,
+            limit=args.calibration_samples,
+            seed=args.seed,
+        )
+        results = calibrate_bundle(
+            bundle_dir or args.bundle,
+            precisions,
+            calibration,
+            method=args.calibration_method,
+            targets=targets,
+            search=not args.no_search,
+            report=lambda line: print(line, flush=True),
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"clipedge calibration failed: {exc}", file=sys.stderr)
+        return 1
+    missed = [f"{r.tower} {r.precision}" for r in results if not r.passed]
+    if missed and not args.allow_below_target:
+        print(
+            f"accuracy target missed for: {', '.join(missed)} (the graphs are in the bundle, "
+            "marked as failed; pass --allow-below-target to accept them)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    group = parser.add_argument_group("lower precision (calibrated, with an accuracy report)")
+    group.add_argument(
+        "--precisions",
+        required=required,
+        default=None,
+        help="comma list of fp16, int8 (Q/DQ for TensorRT/GPU), int8-cpu (onnxruntime CPU)",
+    )
+    group.add_argument("--calibration-images", help="images: DIR, GLOB or a .txt list of paths")
+    group.add_argument("--calibration-texts", help="texts: .txt (one per line) or .jsonl (text)")
+    group.add_argument("--calibration-samples", type=int, default=256, help="max items per kind")
+    group.add_argument(
+        "--calibration-method", choices=("max", "entropy", "percentile"), default="max"
+    )
+    group.add_argument(
+        "--target-cosine",
+        type=float,
+        default=None,
+        help="min cosine to fp32 on held-out data (default: 0.999 fp16, 0.99 int8)",
+    )
+    group.add_argument("--allow-below-target", action="store_true")
+    group.add_argument(
+        "--no-search", action="store_true", help="no per-block mixed-precision fallback"
+    )
+    group.add_argument("--seed", type=int, default=0, help="sampling seed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="output last_hidden_state instead of the pooled embedding (runtime pools)",
     )
+    _add_calibration_arguments(export, required=False)
     export.set_defaults(handler=_export)
+
+    calibrate = commands.add_parser(
+        "calibrate", help="add calibrated fp16/int8 graphs and an accuracy report to a bundle"
+    )
+    calibrate.add_argument("bundle", help="bundle directory written by clipedge export")
+    _add_calibration_arguments(calibrate, required=True)
+    calibrate.set_defaults(handler=_calibrate)
     return parser
 
 

@@ -204,3 +204,12 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
         while block := stream.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def describe_files(bundle_dir: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file in the bundle (the manifest itself excluded)."""
+    return {
+        path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        for path in sorted(Path(bundle_dir).iterdir())
+        if path.is_file() and path.name != MANIFEST_NAME
+    }
