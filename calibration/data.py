@@ -108,8 +108,12 @@ class CalibrationSet:
     ) -> CalibrationSet:
         image_paths = sample(find_images(images), limit, seed) if images is not None else []
         text_items = sample(read_texts(texts), limit, seed) if texts is not None else []
-        calib_images, held_images = split_held_out(image_paths) if image_paths else ([], [])
-        calib_texts, held_texts = split_held_out(text_items) if text_items else ([], [])
+        calib_images, held_images = (
+            split_held_out(image_paths, held_out_fraction) if image_paths else ([], [])
+        )
+        calib_texts, held_texts = (
+            split_held_out(text_items, held_out_fraction) if text_items else ([], [])
+        )
         return cls(calib_images, held_images, calib_texts, held_texts)
 
 

@@ -116,7 +116,7 @@ def graph_bytes(graph: Path) -> int:
 
 
 def cpu_session(graph: Path, threads: int | None = None) -> OrtSession:
-    return OrtSession(graph, "cpu", SessionOptions(threads=threads))
+    return OrtSession(graph, ["CPUExecutionProvider"], SessionOptions(threads=threads))
 
 
 def write_report(bundle_dir: Path, entries: list[dict], retrieval: dict) -> Path:

@@ -1,0 +1,156 @@
+"""Calibration data, the precision pipeline, mixed-precision search and the accuracy report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import clipedge
+from clipedge.calibration.data import (
+    CalibrationDataError,
+    CalibrationSet,
+    find_images,
+    read_texts,
+    sample,
+    with_task_prompts,
+)
+from clipedge.cli import main
+
+from conftest import FIXTURE
+
+skimage_data = pytest.importorskip("skimage.data", reason="real photographs for calibration")
+PHOTOS = Path(skimage_data.data_dir)
+CAPTIONS = FIXTURE.parent / "calibration" / "captions.jsonl"
+PHOTO_GLOB = str(PHOTOS / "*.png")
+
+
+def test_find_images_dir_glob_list(tmp_path):
+    by_glob = find_images(PHOTO_GLOB)
+    assert len(by_glob) >= 10 and all(p.suffix == ".png" for p in by_glob)
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(str(p) for p in by_glob[:3]) + "\n")
+    assert find_images(listing) == sorted(by_glob[:3])
+    assert set(by_glob) <= set(find_images(PHOTOS))
+    with pytest.raises(CalibrationDataError, match="not found"):
+        find_images([tmp_path / "nope.jpg"])
+    with pytest.raises(CalibrationDataError, match="no calibration images"):
+        find_images(str(tmp_path / "*.jpg"))
+
+
+def test_read_texts_txt_and_jsonl(tmp_path):
+    texts = read_texts(CAPTIONS)
+    assert len(texts) >= 40 and any("宇宙" in t for t in texts)
+    plain = tmp_path / "t.txt"
+    plain.write_text("one\n\ntwo\n")
+    assert read_texts(plain) == ["one", "two"]
+    bad = tmp_path / "t.jsonl"
+    bad.write_text('{"caption": "x"}\n')
+    with pytest.raises(CalibrationDataError, match="t.jsonl:1: no 'text' field"):
+        read_texts(bad)
+
+
+def test_sampling_is_deterministic_and_held_out_is_disjoint():
+    first = CalibrationSet.from_sources(PHOTO_GLOB, CAPTIONS, limit=12, seed=3)
+    again = CalibrationSet.from_sources(PHOTO_GLOB, CAPTIONS, limit=12, seed=3)
+    assert first == again
+    assert not set(first.texts) & set(first.held_out_texts)
+    assert len(first.texts) + len(first.held_out_texts) == 12
+    assert sample(range(10), 4, 1) != sample(range(10), 4, 2)
+
+
+def test_query_prompts_are_included():
+    prompts = {"retrieval.query": "Q: "}
+    assert with_task_prompts(["a", "b"], prompts) == ["a", "Q: a", "b", "Q: b"]
+
+
+@pytest.fixture()
+def bundle_copy(tiny_bundle, tmp_path) -> Path:
+    target = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, target)
+    return target
+
+
+def calibrate_args(bundle: Path, *extra: str) -> list[str]:
+    return [
+        "calibrate",
+        str(bundle),
+        "--calibration-images",
+        PHOTO_GLOB,
+        "--calibration-texts",
+        str(CAPTIONS),
+        *extra,
+    ]
+
+
+def test_int8_cpu_precision_end_to_end(bundle_copy, reference, capsys):
+    assert main(calibrate_args(bundle_copy, "--precisions", "int8-cpu")) == 0
+    out = capsys.readouterr().out
+    assert "cos min" in out and "retrieval agreement" in out
+    manifest = json.loads((bundle_copy / "clipedge.json").read_text())
+    entry = manifest["towers"]["text"]["graphs"]["int8-cpu"]
+    assert entry["device"] == "cpu" and entry["accuracy"]["passed"]
+    report = json.loads((bundle_copy / "accuracy_report.json").read_text())
+    assert {t["tower"] for t in report["towers"]} == {"text", "vision"}
+    assert "random weights" in report["note"]
+    for row in report["towers"]:
+        assert row["cosine_min"] <= row["cosine_mean"] <= 1.0 + 1e-6
+        assert row["bytes"] < row["fp32_bytes"]
+    assert set(report["retrieval"]["int8-cpu"]) >= {
+        "text_to_image_recall@1",
+        "image_to_text_recall@5",
+    }
+    # The runtime now picks the passing CPU int8 graph by default, and it stays close to fp32.
+    model = clipedge.load(bundle_copy, backend="cpu")
+    assert model.precisions == {"text": "int8-cpu", "vision": "int8-cpu"}
+    fp32 = clipedge.load(bundle_copy, backend="cpu", precision="fp32")
+    a, b = model.encode_text(reference["texts"]), fp32.encode_text(reference["texts"])
+    assert (a * b).sum(1).min() >= 0.99
+
+
+def test_missed_target_fails_unless_allowed(bundle_copy, capsys):
+    args = calibrate_args(bundle_copy, "--precisions", "int8-cpu", "--target-cosine", "0.99999999")
+    assert main(args) == 1
+    assert "accuracy target missed" in capsys.readouterr().err
+    manifest = json.loads((bundle_copy / "clipedge.json").read_text())
+    assert not manifest["towers"]["vision"]["graphs"]["int8-cpu"]["accuracy"]["passed"]
+    assert clipedge.load(bundle_copy, backend="cpu").precisions["vision"] == "fp32"
+    assert main([*args, "--allow-below-target"]) == 0
+
+
+def test_search_falls_back_the_most_sensitive_blocks(tiny_bundle, tmp_path):
+    import onnx
+
+    from clipedge.calibration.blocks import nodes_by_block
+    from clipedge.calibration.cpu_int8 import quantize_cpu
+    from clipedge.calibration.data import tower_feeds
+    from clipedge.calibration.report import cosine_stats, cpu_session, pooled_embeddings
+    from clipedge.calibration.search import search_fallback
+
+    graph = tiny_bundle / "vision.onnx"
+    calibration = CalibrationSet.from_sources(PHOTO_GLOB, None, limit=8)
+    feeds = tower_feeds(clipedge.load(tiny_bundle, backend="cpu"), "vision", calibration, False)
+    reference = pooled_embeddings(cpu_session(graph), "vision", feeds)
+
+    def convert(keep_float, dst):
+        return quantize_cpu(graph, dst, "dynamic", exclude_nodes=keep_float)
+
+    whole = pooled_embeddings(cpu_session(convert([], tmp_path / "all.onnx")), "vision", feeds)
+    whole_cos = cosine_stats(reference, whole)["cosine_min"]
+    target = 1.0 - (1.0 - whole_cos) / 4  # unreachable without falling back some blocks
+    model = onnx.load(str(graph))
+    blocks = nodes_by_block(model)
+    inside = {n for names in blocks.values() for n in names}
+    others = [n.name for n in model.graph.node if n.name not in inside]
+    result = search_fallback(
+        convert, blocks, others, "vision", feeds, reference, target, tmp_path / "mixed.onnx"
+    )
+    assert set(result.sensitivity) == set(blocks)
+    assert result.fp32_blocks, "the target needs at least one float block"
+    assert result.fp32_blocks[0] == max(result.sensitivity, key=result.sensitivity.get)
+    final = pooled_embeddings(cpu_session(result.graph), "vision", feeds)
+    assert cosine_stats(reference, final)["cosine_min"] == pytest.approx(result.min_cosine)
+    assert np.isfinite(final).all()
