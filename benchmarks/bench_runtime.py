@@ -1,0 +1,146 @@
+"""The runtime's own cost around the graphs, on a full-size bundle.
+
+Measured side by side in one run:
+- overhead: end to end `encode_image(jpeg_path)` / `encode_text(strings)` against the bare
+  session on the same, already prepared inputs; overhead share = (end to end - bare) / bare;
+- import time of `clipedge` (fresh interpreters, minus the interpreter's own start-up);
+- resident memory of a process that loaded the fp32 bundle and ran both towers, against the
+  graphs' bytes on disk.
+
+Usage: python benchmarks/bench_runtime.py --bundle DIR [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+MEMORY_SCRIPT = """
+import json, sys, psutil
+before = psutil.Process().memory_info().rss
+import clipedge
+model = clipedge.load(sys.argv[1], backend="cpu", precision="fp32")
+model.encode_text(["a photo of a cat"])
+model.encode_image([sys.argv[2]])
+print(json.dumps({"rss_before": before, "rss_after": psutil.Process().memory_info().rss}))
+"""
+
+
+def photo_jpeg(path: Path, width: int = 1280, height: int = 848) -> Path:
+    """A deterministic photo-like JPEG (smooth gradients plus texture), quality 90."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([x / width, y / height, (x + y) / (width + height)], axis=-1) * 200
+    noise = rng.normal(0, 12, (height, width, 3))
+    Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(path, quality=90)
+    return path
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def overhead(bundle: Path, jpeg: Path, repeats: int) -> dict:
+    import clipedge
+
+    model = clipedge.load(bundle, backend="cpu", precision="fp32", threads=2)
+    texts = ["A photo of a cat sitting on a red sofa near the window, in the morning."] * 8
+    rows = model.tokenizer.tokenize(texts, 512)
+    ids, mask = model.tokenizer.pad(rows)
+    text_session = model.session("text")
+    pixels = model.preprocess_images([jpeg])
+    vision_session = model.session("vision")
+    cases = {
+        "image (1x 1280x848 JPEG file)": (
+            lambda: model.encode_image(str(jpeg)),
+            lambda: vision_session.run({"pixel_values": pixels}),
+        ),
+        f"text (8 strings, {ids.shape[1]} tokens)": (
+            lambda: model.encode_text(texts),
+            lambda: text_session.run({"input_ids": ids, "attention_mask": mask}),
+        ),
+    }
+    results = {}
+    for name, (end_to_end, bare) in cases.items():
+        e2e_ms = median_ms(end_to_end, repeats)
+        bare_ms = median_ms(bare, repeats)
+        results[name] = {
+            "end_to_end_ms": e2e_ms,
+            "model_ms": bare_ms,
+            "overhead_share": (e2e_ms - bare_ms) / bare_ms,
+        }
+    return results
+
+
+def import_time(repeats: int = 7) -> float:
+    def run(code: str) -> float:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        return time.perf_counter() - start
+
+    bare = statistics.median(run("pass") for _ in range(repeats))
+    full = statistics.median(run("import clipedge") for _ in range(repeats))
+    return full - bare
+
+
+def memory(bundle: Path, jpeg: Path) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(bundle), str(jpeg)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    rss = json.loads(result.stdout.strip().splitlines()[-1])
+    fp32_files = {"text.onnx", "text.onnx.data", "vision.onnx"}
+    graph_bytes = sum(p.stat().st_size for p in bundle.iterdir() if p.name in fp32_files)
+    loaded = rss["rss_after"] - rss["rss_before"]
+    return {"graph_bytes": graph_bytes, "rss_added_bytes": loaded, "ratio": loaded / graph_bytes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        jpeg = photo_jpeg(Path(tmp) / "photo.jpg")
+        results = {
+            "import_s": import_time(),
+            "memory": memory(args.bundle, jpeg),
+            "overhead": overhead(args.bundle, jpeg, args.repeats),
+        }
+    print(f"import clipedge: {results['import_s'] * 1000:.0f} ms (goal < 300 ms)")
+    mem = results["memory"]
+    print(
+        f"loaded fp32 bundle: +{mem['rss_added_bytes'] / 1e9:.2f} GB RSS for "
+        f"{mem['graph_bytes'] / 1e9:.2f} GB of graphs = {mem['ratio']:.2f}x (goal < 1.2x)"
+    )
+    print("| case | end to end ms | model ms | overhead |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, row in results["overhead"].items():
+        print(
+            f"| {name} | {row['end_to_end_ms']:.1f} | {row['model_ms']:.1f} | "
+            f"{row['overhead_share'] * 100:.1f}% |"
+        )
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
