@@ -32,6 +32,7 @@ from .images import (
 from .manifest import BundleError, Manifest, TowerManifest, read_manifest, sha256_file
 from .postprocess import check_truncate_dim, cls_pool, mean_pool, truncate_and_normalize
 from .precision import choose_precision
+from .profiles import ProfileLimits, tower_profile
 from .tokenization import TextTokenizer, apply_instruction, check_max_length
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ class ClipEdgeModel:
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
         preprocess_workers: int | None = None,
         verify_checksums: bool = False,
+        trt_max_batch: int = 32,
+        trt_max_length: int = 512,
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.manifest: Manifest = read_manifest(self.bundle_dir)
@@ -92,6 +95,13 @@ class ClipEdgeModel:
             optimization=optimization,
             cache_dir=Path(cache_dir) if cache_dir else None,
         )
+        self.trt_limits = ProfileLimits(
+            max_batch=trt_max_batch,
+            opt_batch=min(8, trt_max_batch),
+            max_length=trt_max_length,
+            opt_length=min(128, trt_max_length),
+        )
+        self._uses_tensorrt = self.providers[0] == "TensorrtExecutionProvider"
         self._check_files(verify_checksums)
         self._sessions: dict[str, TowerSession] = {}
         self._lock = threading.Lock()
@@ -178,7 +188,10 @@ class ClipEdgeModel:
                 tower = self._tower(tower_name)
                 graph = self.bundle_dir / tower.graphs[self.precisions[tower_name]].file
                 self._sessions[tower_name] = OrtSession(
-                    graph, self.providers, self._options, self._trt_shapes(tower_name)
+                    graph,
+                    self.providers,
+                    self._options,
+                    tower_profile(tower_name, tower, self.trt_limits),
                 )
                 log.info(
                     "%s tower: %s on %s",
@@ -187,17 +200,6 @@ class ClipEdgeModel:
                     self._sessions[tower_name].provider,
                 )
             return self._sessions[tower_name]
-
-    def _trt_shapes(self, tower_name: str) -> dict[str, tuple[list[int], list[int], list[int]]]:
-        """TensorRT optimisation profile (min, opt, max) for the tower's dynamic axes."""
-        tower = self.manifest.towers[tower_name]
-        if tower_name == "text":
-            longest = int(tower.extra["max_length"])
-            opt = int(tower.extra["default_max_length"])
-            shape = ([1, 1], [8, opt], [32, longest])
-            return {spec.name: shape for spec in tower.inputs}
-        size = int(tower.extra["image_size"])
-        return {"pixel_values": ([1, 3, size, size], [8, 3, size, size], [32, 3, size, size])}
 
     def _check_truncate_dim(self, truncate_dim: int | None) -> None:
         """Validate before any inference runs, so a bad value costs nothing."""
@@ -233,13 +235,13 @@ class ClipEdgeModel:
             raise ValueError("encode_text got an empty list of sentences")
         _check_batch_size(batch_size)
         check_max_length(max_length)
+        if self._uses_tensorrt:
+            self.trt_limits.check(batch_size, max_length)
         if max_length > int(tower.extra["max_length"]):
             raise ValueError(
                 f"max_length must be at most {tower.extra['max_length']}, got {max_length}"
             )
-        check_truncate_dim(
-            truncate_dim, self.manifest.embed_dim, self.manifest.matryoshka_dimensions
-        )
+        self._check_truncate_dim(truncate_dim)
         if task is not None:
             instructions = self.manifest.task_instructions
             if task not in instructions:
@@ -282,9 +284,9 @@ class ClipEdgeModel:
         if not items:
             raise ValueError("encode_image got an empty list of images")
         _check_batch_size(batch_size)
-        check_truncate_dim(
-            truncate_dim, self.manifest.embed_dim, self.manifest.matryoshka_dimensions
-        )
+        if self._uses_tensorrt:
+            self.trt_limits.check(batch_size)
+        self._check_truncate_dim(truncate_dim)
         session = self.session("vision")
         result = np.empty((len(items), self.manifest.embed_dim), dtype=np.float32)
         bar = _progress(len(items), show_progress_bar, "encode_image")

@@ -67,3 +67,21 @@ def test_gpu_backends_match_official(tiny_bundle, reference, backend):
     model = clipedge.load(tiny_bundle, backend=backend)
     out = model.encode_text(reference["texts"])
     assert np.abs(out - expected("text_default_norm.npy")).max() <= 1e-4
+
+
+def test_profiles_follow_limits(tiny_bundle):
+    from clipedge.manifest import read_manifest
+    from clipedge.profiles import ProfileLimits, tower_profile
+
+    towers = read_manifest(tiny_bundle).towers
+    limits = ProfileLimits(max_batch=16, opt_batch=4, max_length=1024, opt_length=64)
+    text = tower_profile("text", towers["text"], limits)
+    assert text["input_ids"] == ([1, 1], [4, 64], [16, 1024]) == text["attention_mask"]
+    vision = tower_profile("vision", towers["vision"], limits)
+    assert vision["pixel_values"] == ([1, 3, 64, 64], [4, 3, 64, 64], [16, 3, 64, 64])
+    with pytest.raises(ValueError, match="trt_max_length=2048"):
+        limits.check(8, 2048)
+    with pytest.raises(ValueError, match="trt_max_batch=64"):
+        limits.check(64)
+    with pytest.raises(ValueError, match="opt_batch"):
+        ProfileLimits(max_batch=2, opt_batch=4)
