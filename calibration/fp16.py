@@ -1,0 +1,287 @@
+"""FP16 tower graphs for GPUs, and the FP16 input of strongly typed TensorRT builds.
+
+TensorRT 11 (and TensorRT 10 with strong typing) takes each layer's precision from the graph's
+tensor types, so the graph itself must say which parts stay fp32. The conversion is
+onnxruntime's `convert_float_to_float16` with fp32 graph inputs and outputs; ops in
+`keep_fp32_ops` and the pooling head after the last transformer block stay fp32 (see
+`DEFAULT_FP32_OPS` for what was measured). Two clean-ups make the result fit for TensorRT:
+the fp32 -> fp16 -> fp32 Cast pairs that the converter leaves between neighbouring fp32 nodes
+are removed (they would round fp32 tensors through fp16), and the nodes are put back in
+topological order (the converter appends its Casts at the end of the node list).
+
+`tensor_stats` / `find_overflow` run a graph with a non-finite count and the largest finite
+magnitude of every intermediate float tensor as extra outputs, to prove a conversion clean on
+real inputs and to find which tensors of the fp32 graph leave fp16's range.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+from onnx.external_data_helper import load_external_data_for_model
+
+# `onnxruntime.transformers` puts its own directory on sys.path; import it as documented.
+from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+from onnxruntime.transformers.onnx_model import OnnxModel
+
+from .blocks import block_of
+from .data import Feed
+
+# Measured on the tiny and the full-size random towers (README "Lower precision"):
+# LayerNormalization keeps its fp32 statistics through `stash_type` whatever its I/O type, but
+# the fp16 rounding of its input - the sum of the residual stream - is where fp16 loses most.
+DEFAULT_FP32_OPS: tuple[str, ...] = ("LayerNormalization",)
+PROTOBUF_LIMIT = 2**31 - 1
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def head_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes after the last transformer block that belong to no block: the pooling head.
+
+    Text: the masked mean (MatMul of the mask with the token states, ReduceSum, Div); vision:
+    the CLS Gather and final LayerNorm. The mean's MatMul sums up to 8192 token vectors, which
+    overflows fp16 long before the division brings it back into range.
+    """
+    nodes = list(model.graph.node)
+    in_block = [i for i, node in enumerate(nodes) if block_of(node) is not None]
+    if not in_block:  # no scope metadata (not a clipedge export, or stripped by an optimiser)
+        return []
+    return [node.name for node in nodes[in_block[-1] + 1 :] if block_of(node) is None]
+
+
+def load_typed(path: Path, with_data: bool = True) -> onnx.ModelProto:
+    """A graph with inferred types for every tensor; shape inference runs before the weights
+    are read, so graphs over protobuf's 2 GB limit work too."""
+    model = onnx.load(str(path), load_external_data=False)
+    model = onnx.shape_inference.infer_shapes(model)
+    # The exporter also lists weights in value_info; the fp16 converter would retype those
+    # entries to fp16 even for weights it keeps fp32, and then cast fp32 weights "back".
+    weights = {t.name for t in model.graph.initializer}
+    for value in [v for v in model.graph.value_info if v.name in weights]:
+        model.graph.value_info.remove(value)
+    if with_data:
+        load_external_data_for_model(model, str(Path(path).parent))
+    return model
+
+
+def save_model(model: onnx.ModelProto, dst: Path) -> Path:
+    """Save inline, or with every weight in one `<name>.data` file when over 2 GB."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    data = dst.with_name(dst.name + ".data")
+    if data.exists():
+        os.remove(data)
+    external = model.ByteSize() > PROTOBUF_LIMIT - (64 << 20)
+    onnx.save_model(
+        model,
+        str(dst),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+    )
+    return dst
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    graph = model.graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        types[value.name] = value.type.tensor_type.elem_type
+    return types
+
+
+def _cast_to(node: onnx.NodeProto) -> int | None:
+    return next((a.i for a in node.attribute if a.name == "to"), None)
+
+
+def remove_cast_round_trips(model: onnx.ModelProto) -> int:
+    """Drop the fp16 step of X -> Cast(fp16) -> Cast(fp32) chains (in place).
+
+    An fp32 X is read directly by the fp32 consumers; any other X (the int64 attention mask)
+    gets one Cast straight to fp32. Returns the number of chains shortened.
+    """
+    graph = model.graph
+    types = _elem_types(model)
+    producer = {out: node for node in graph.node for out in node.output}
+    graph_outputs = {o.name for o in graph.output}
+    graph_inputs = {i.name for i in graph.input}
+    identities: list[onnx.NodeProto] = []
+    renames: dict[str, str] = {}
+    shortened = 0
+    for node in graph.node:
+        if node.op_type != "Cast" or _cast_to(node) != TensorProto.FLOAT:
+            continue
+        first = producer.get(node.input[0])
+        if first is None or first.op_type != "Cast" or _cast_to(first) != TensorProto.FLOAT16:
+            continue
+        source, target = first.input[0], node.output[0]
+        if types.get(source) != TensorProto.FLOAT:
+            node.input[0] = source
+        elif target not in graph_outputs:
+            renames[target] = source
+            identities.append(node)
+        elif source not in graph_inputs:
+            renames[source] = target  # the fp32 producer writes the graph output itself
+            identities.append(node)
+        else:
+            continue
+        shortened += 1
+    for node in identities:
+        graph.node.remove(node)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = renames.get(name, name)
+        for i, name in enumerate(node.output):
+            node.output[i] = renames.get(name, name)
+    used = {name for node in graph.node for name in node.input} | graph_outputs
+    for node in [n for n in graph.node if n.op_type == "Cast" and n.output[0] not in used]:
+        graph.node.remove(node)
+    produced = {out for node in graph.node for out in node.output}
+    for value in [v for v in graph.value_info if v.name not in produced]:
+        graph.value_info.remove(value)
+    return shortened
+
+
+def convert_to_fp16(
+    src: Path,
+    dst: Path,
+    keep_fp32_ops: Iterable[str] = DEFAULT_FP32_OPS,
+    keep_fp32_nodes: Iterable[str] = (),
+    keep_fp32_head: bool = True,
+) -> Path:
+    """Write an fp16 copy of `src` with fp32 inputs/outputs and the named parts kept fp32."""
+    model = load_typed(Path(src))
+    block_nodes = set(keep_fp32_nodes) | (set(head_nodes(model)) if keep_fp32_head else set())
+    model = convert_float_to_float16(
+        model,
+        keep_io_types=True,
+        disable_shape_infer=True,
+        op_block_list=[*DEFAULT_OP_BLOCK_LIST, *keep_fp32_ops],
+        node_block_list=sorted(block_nodes),
+    )
+    remove_cast_round_trips(model)
+    OnnxModel(model).topological_sort(is_deterministic=True)
+    return save_model(model, Path(dst))
+
+
+# Largest finite value of each float type a tensor can be declared with.
+FLOAT_LIMITS = {
+    TensorProto.FLOAT: float(np.finfo(np.float32).max),
+    TensorProto.FLOAT16: FP16_MAX,
+    TensorProto.BFLOAT16: 3.3895313892515355e38,
+}
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """One tensor over all feeds: inf/NaN count, largest finite |value|, and the largest
+    finite value of the type the graph declares for it."""
+
+    nonfinite: int
+    max_abs: float
+    limit: float
+
+    @property
+    def overflows(self) -> bool:
+        return self.nonfinite > 0 or self.max_abs > self.limit
+
+
+def _instrument(model: onnx.ModelProto) -> dict[str, int]:
+    """Add [non-finite count, max finite |x|] outputs per intermediate float tensor.
+
+    Returns the instrumented tensors with their declared element types.
+    """
+    graph = model.graph
+    types = _elem_types(model)
+    initializers = {t.name for t in graph.initializer}
+    zero = helper.make_tensor("_stats_zero", TensorProto.FLOAT, [], [0.0])
+    graph.initializer.append(zero)
+    names: dict[str, int] = {}
+    for node in list(graph.node):
+        for name in node.output:
+            if not name or name in initializers or types.get(name) not in FLOAT_TYPES:
+                continue
+            stem = f"_stats_{len(names)}"
+            graph.node.extend(
+                [
+                    helper.make_node("Cast", [name], [stem + "_f32"], to=TensorProto.FLOAT),
+                    helper.make_node("IsInf", [stem + "_f32"], [stem + "_inf"]),
+                    helper.make_node("IsNaN", [stem + "_f32"], [stem + "_nan"]),
+                    helper.make_node("Or", [stem + "_inf", stem + "_nan"], [stem + "_bad"]),
+                    helper.make_node("Cast", [stem + "_bad"], [stem + "_badf"], to=1),
+                    helper.make_node("ReduceSum", [stem + "_badf"], [stem + "_count"], keepdims=0),
+                    helper.make_node("Abs", [stem + "_f32"], [stem + "_abs"]),
+                    helper.make_node(
+                        "Where", [stem + "_bad", zero.name, stem + "_abs"], [stem + "_finite"]
+                    ),
+                    helper.make_node("ReduceMax", [stem + "_finite"], [stem + "_max"], keepdims=0),
+                ]
+            )
+            for out in ("_count", "_max"):
+                graph.output.append(
+                    helper.make_tensor_value_info(stem + out, TensorProto.FLOAT, [])
+                )
+            names[name] = types[name]
+    return names
+
+
+def tensor_stats(graph: Path, feeds: Sequence[Feed]) -> dict[str, TensorStats]:
+    """Non-finite count and largest finite magnitude of every intermediate float tensor.
+
+    The graph is instrumented on a copy in memory (the file is untouched): each tensor gets a
+    few reduction nodes, so memory stays that of a normal run instead of holding every
+    intermediate (the full-size vision tower's attention maps alone would take > 10 GB).
+    Graph optimisations are off so that every tensor the graph names is computed as written.
+    """
+    graph = Path(graph)
+    model = load_typed(graph, with_data=False)
+    names = _instrument(model)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    # External weights are read from beside the original graph, not copied.
+    options.add_session_config_entry(
+        "session.model_external_initializers_file_folder_path", str(graph.parent.resolve())
+    )
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    del model
+    outputs = [o.name for o in session.get_outputs()]
+    counts = np.zeros(len(names))
+    maxima = np.zeros(len(names))
+    for feed in feeds:
+        values = dict(zip(outputs, session.run(None, feed), strict=True))
+        for i in range(len(names)):
+            counts[i] += values[f"_stats_{i}_count"]
+            maxima[i] = max(maxima[i], values[f"_stats_{i}_max"])
+    return {
+        name: TensorStats(int(counts[i]), float(maxima[i]), FLOAT_LIMITS[dtype])
+        for i, (name, dtype) in enumerate(names.items())
+    }
+
+
+def find_overflow(graph: Path, feeds: Sequence[Feed]) -> list[str]:
+    """Intermediate tensors that overflow their declared type on any feed ([] means clean).
+
+    What the CPU execution provider can and cannot show: it has no fp16 kernels for most
+    ops (MatMul, Add, Mul, Softmax, ... on x86), so it runs each run of such ops in fp32
+    between inserted Casts and drops the Cast pairs in between: a tensor the graph declares
+    fp16 may never be stored in fp16 and then holds 90000 where a GPU would hold inf. The
+    check therefore flags a tensor as overflowing when it is inf/NaN *or* its magnitude
+    exceeds what its declared type can hold (65504 for fp16): the first tensor that would
+    overflow on the GPU is reported either way. It cannot see (a) overflow *inside* a
+    kernel whose output is in range, should a GPU kernel accumulate in fp16 (a GEMM tactic,
+    or normalisation statistics: ONNX LayerNormalization asks for fp32 ones through
+    `stash_type`), (b) what an inf does downstream, since the CPU never produces it, nor
+    (c) the numerics of TensorRT's fusions; compare an engine's outputs to fp32 for those.
+    """
+    return [name for name, stats in tensor_stats(graph, feeds).items() if stats.overflows]
