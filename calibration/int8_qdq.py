@@ -1,0 +1,241 @@
+"""INT8 Q/DQ tower graphs for TensorRT (explicit quantization) and GPU execution providers.
+
+`quantize_qdq` is onnxruntime's `quantize_static` set up the way TensorRT wants Q/DQ graphs:
+- symmetric int8 everywhere (zero points 0: TensorRT supports no other), weights per output
+  channel (MatMul weights [K, N] on axis 1, Conv weights on axis 0);
+- Q/DQ only on the *inputs* of MatMul/Gemm/Conv, never on their outputs, so TensorRT fuses
+  each DQ -> GEMM (-> bias Add) into one int8 kernel; LayerNorm, Softmax and the residual
+  Adds read and write float;
+- both inputs of the attention MatMuls (q.k^T and softmax.v) are quantized: that is the
+  pattern TensorRT's fused int8 attention needs; leaving them float measured no better;
+- biases stay float (`QuantizeBias` off): TensorRT folds a float bias into the GEMM, and its
+  parser dequantizes int8 only;
+- the pooling head after the last block (the text tower's masked-mean MatMul) stays float:
+  its int8 GEMM would only add error at the very end.
+
+The text tower's word embedding (250002 x 1024, ~1 GB, 46% of the fp32 text graph) is not a
+MatMul weight; `quantize_embedding_rows` stores it as int8 rows with one fp32 scale per row,
+de-quantised after the lookup. Embedding and Q/DQ together bring both towers under 30% of
+their fp32 size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+
+from .data import Feed
+from .fp16 import PROTOBUF_LIMIT, head_nodes, save_model
+
+log = logging.getLogger(__name__)
+
+METHODS = {
+    "max": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
+
+
+class FeedReader(CalibrationDataReader):
+    """Calibration feeds one sample at a time.
+
+    Histogram calibrators (entropy, percentile) keep every calibrated tensor of one
+    `get_next` in memory until it is folded into the histograms; one full-size image's
+    attention maps are already ~5 GB, so batches are split into single rows, and `set_range`
+    lets `quantize_static` fold them in one by one (`CalibStridedMinMax`).
+    """
+
+    def __init__(self, feeds: Iterable[Feed]) -> None:
+        self.rows = [
+            {name: value[i : i + 1] for name, value in feed.items()}
+            for feed in feeds
+            for i in range(len(next(iter(feed.values()))))
+        ]
+        self.set_range(0, len(self.rows))
+
+    def get_next(self) -> Feed | None:
+        return next(self._rows, None)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._rows = iter(self.rows[start_index:end_index])
+
+
+def _embedding_gathers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Gathers along axis 0 of a 2-D float weight: embedding lookups."""
+    tables = {
+        t.name
+        for t in model.graph.initializer
+        if t.data_type == TensorProto.FLOAT and len(t.dims) == 2
+    }
+    axis = {
+        n.name: next((a.i for a in n.attribute if a.name == "axis"), 0) for n in model.graph.node
+    }
+    return [
+        node
+        for node in model.graph.node
+        if node.op_type == "Gather" and node.input[0] in tables and axis[node.name] == 0
+    ]
+
+
+def quantize_embedding_rows(
+    model: onnx.ModelProto, exclude_nodes: Iterable[str] = ()
+) -> onnx.ModelProto:
+    """Store every embedding table as int8 rows with one fp32 scale per row (in place).
+
+    Gather(table, ids) becomes Gather(table_int8, ids) -> Cast -> Mul(Gather(scales, ids)):
+    only 1/4 of the bytes are read per token, and every op is one TensorRT's parser takes.
+    Row-wise scales keep rare tokens with small rows as precise as frequent large ones; a
+    gathered value is within scale/2 of the fp32 one.
+    """
+    initializers = {t.name: t for t in model.graph.initializer}
+    exclude = set(exclude_nodes)
+    for node in [n for n in _embedding_gathers(model) if n.name not in exclude]:
+        name, ids, output = node.input[0], node.input[1], node.output[0]
+        table = numpy_helper.to_array(initializers[name])
+        peak = np.abs(table).max(axis=1, keepdims=True)
+        scales = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+        quantized = np.clip(np.rint(table / scales), -127, 127).astype(np.int8)
+        del table
+        model.graph.initializer.remove(initializers[name])
+        model.graph.initializer.extend(
+            [
+                numpy_helper.from_array(quantized, name + "_int8"),
+                numpy_helper.from_array(scales, name + "_row_scale"),
+            ]
+        )
+        index = list(model.graph.node).index(node)
+        model.graph.node.remove(node)
+        replacement = [
+            helper.make_node("Gather", [name + "_int8", ids], [output + "_int8"], name=node.name),
+            helper.make_node(
+                "Cast",
+                [output + "_int8"],
+                [output + "_wide"],
+                to=TensorProto.FLOAT,
+                name=node.name + "_cast",
+            ),
+            helper.make_node(
+                "Gather",
+                [name + "_row_scale", ids],
+                [output + "_scale"],
+                name=node.name + "_scale",
+            ),
+            helper.make_node(
+                "Mul", [output + "_wide", output + "_scale"], [output], name=node.name + "_dequant"
+            ),
+        ]
+        for offset, new in enumerate(replacement):
+            model.graph.node.insert(index + offset, new)
+        for value in [v for v in model.graph.value_info if v.name in (name, output)]:
+            model.graph.value_info.remove(value)
+        log.info("embedding %s %s stored as int8 rows", name, list(quantized.shape))
+    return model
+
+
+def attention_matmuls(model: onnx.ModelProto) -> list[str]:
+    """MatMuls of two activations (q.k^T, softmax.v, the mean-pool), not of a weight."""
+    weights = {t.name for t in model.graph.initializer}
+    return [
+        node.name
+        for node in model.graph.node
+        if node.op_type == "MatMul" and not weights.intersection(node.input)
+    ]
+
+
+def bypass_qdq_for_float_ops(model: onnx.ModelProto) -> int:
+    """Let every op that is not quantized read the float tensor, not its Q/DQ copy.
+
+    onnxruntime gives a tensor one shared Q/DQ pair and rewires *all* its consumers to the
+    DQ output when any consumer is quantized; in the post-LN text tower that puts the
+    residual branch (LayerNorm output -> residual Add) through int8 as well. Returns the
+    number of inputs rewired.
+    """
+    nodes = list(model.graph.node)
+    quantize_input = {n.output[0]: n.input[0] for n in nodes if n.op_type == "QuantizeLinear"}
+    float_source = {
+        n.output[0]: quantize_input[n.input[0]]
+        for n in nodes
+        if n.op_type == "DequantizeLinear" and n.input[0] in quantize_input
+    }
+    rewired = 0
+    for node in nodes:
+        if node.op_type in (*QUANTIZED_OPS, "QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i, name in enumerate(node.input):
+            if name in float_source:
+                node.input[i] = float_source[name]
+                rewired += 1
+    return rewired
+
+
+def quantize_qdq(
+    src: Path,
+    dst: Path,
+    feeds: Sequence[Feed],
+    method: str = "max",
+    exclude_nodes: Iterable[str] = (),
+    percentile: float = 99.99,
+) -> Path:
+    """Write an INT8 Q/DQ copy of `src` calibrated on `feeds` (graph inputs, batched).
+
+    `exclude_nodes` stay float, embedding lookups included. `percentile` applies to the
+    "percentile" method only.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, not {method!r}")
+    model = onnx.load(str(src))
+    exclude = set(exclude_nodes)
+    quantize_embedding_rows(model, exclude)
+    exclude.update(head_nodes(model))
+    # Without the embedding the text tower fits in one protobuf (1.2 GB), so this only
+    # triggers for graphs that are still over the limit.
+    large = model.ByteSize() > PROTOBUF_LIMIT - (64 << 20)
+    with tempfile.TemporaryDirectory(prefix="clipedge-qdq-") as tmp:
+        staged = Path(tmp) / "quantized.onnx"
+        # The histogram calibrators print their progress; keep it out of the caller's output.
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(
+                model,
+                str(staged),
+                FeedReader(feeds),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(QUANTIZED_OPS),
+                per_channel=True,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=sorted(exclude),
+                use_external_data_format=large,
+                calibrate_method=METHODS[method],
+                extra_options={
+                    "ActivationSymmetric": True,
+                    "WeightSymmetric": True,
+                    "CalibTensorRangeSymmetric": True,
+                    "CalibStridedMinMax": 1,
+                    "CalibPercentile": percentile,
+                    "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS),
+                    "QuantizeBias": False,
+                },
+            )
+        del model
+        quantized = onnx.load(str(staged))
+    bypass_qdq_for_float_ops(quantized)
+    return save_model(quantized, Path(dst))
