@@ -1,0 +1,188 @@
+"""int8 graphs for onnxruntime's CPU execution provider.
+
+Three forms, because they hit different CPU kernels:
+
+- "dynamic": weights int8 per output channel, activations quantised per call
+  (DynamicQuantizeLinear + MatMulInteger, fused by onnxruntime into DynamicQuantizeMatMul that
+  runs on VNNI/AMX); no calibration data needed. The word-embedding Gather is stored int8 too
+  (a quarter of the text tower's bytes, exact up to the per-table scale).
+- "qdq_u8": static QDQ with uint8 activations and int8 weights on the weight MatMuls only.
+  Signed int8 activations have no fast x86 kernel and softmax / attention MatMuls
+  (activation x activation) lose accuracy and speed when quantised, so they stay float.
+- "qoperator": the same choice of nodes written as QLinearMatMul operators.
+
+Every form keeps the graph's inputs and outputs, so the runtime loads it like the fp32 graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+MODES = ("dynamic", "qdq_u8", "qoperator")
+# onnx protobufs cannot exceed 2 GB: larger graphs keep their weights in `<name>.data`.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+def _graph_bytes(path: Path) -> int:
+    """The graph file plus the external weight files next to it."""
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {
+        entry.value
+        for tensor in model.graph.initializer
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations)
+
+
+def weight_matmuls(path: Path) -> list[str]:
+    """Names of the MatMul nodes whose second input is a constant weight.
+
+    Attention's score and context MatMuls (and the text pooling MatMul) multiply two
+    activations; they are left out.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    constants = {init.name for init in model.graph.initializer}
+    constants |= {
+        out for node in model.graph.node if node.op_type == "Constant" for out in node.output
+    }
+    return [
+        node.name
+        for node in model.graph.node
+        if node.op_type == "MatMul" and node.input[1] in constants
+    ]
+
+
+class _FeedReader:
+    """onnxruntime CalibrationDataReader over a list of feeds."""
+
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]) -> None:
+        self._feeds = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def quantize_cpu(
+    src: Path,
+    dst: Path,
+    mode: str,
+    feeds: list[dict[str, np.ndarray]] | None = None,
+    exclude_nodes: Iterable[str] = (),
+) -> Path:
+    """Write an int8 form of the fp32 graph `src` to `dst` and return `dst`.
+
+    `feeds` (graph inputs from `calibration.data.tower_feeds`) set the activation ranges of
+    the static forms; `exclude_nodes` stay float (mixed precision for sensitive blocks).
+    """
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise ValueError("dst must differ from src: the fp32 graph is the accuracy reference")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    excluded = list(exclude_nodes)
+    external = _graph_bytes(src) > EXTERNAL_DATA_BYTES
+    if mode == "dynamic":
+        quantize_dynamic(
+            src,
+            dst,
+            op_types_to_quantize=["MatMul", "Gather"],
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=excluded,
+            use_external_data_format=external,
+            extra_options={"MatMulConstBOnly": True},
+        )
+        return dst
+    if not feeds:
+        raise ValueError(f"mode {mode!r} needs calibration feeds")
+    weights = [name for name in weight_matmuls(src) if name not in set(excluded)]
+    quantize_static(
+        src,
+        dst,
+        _FeedReader(feeds),
+        quant_format=QuantFormat.QDQ if mode == "qdq_u8" else QuantFormat.QOperator,
+        op_types_to_quantize=["MatMul"],
+        nodes_to_quantize=weights,
+        nodes_to_exclude=excluded,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        use_external_data_format=external,
+        # Float MatMul outputs: quantising them only adds error, the next op is float anyway.
+        extra_options={"MatMulConstBOnly": True, "OpTypesToExcludeOutputQuantization": ["MatMul"]},
+    )
+    return dst
+
+
+def activation_matmuls(model: Any) -> list[str]:
+    """Names of an OpenVINO model's MatMuls that multiply two activations (attention)."""
+
+    def is_constant(node: Any) -> bool:
+        while node.get_type_name() in ("Convert", "Reshape", "Transpose") and node.inputs():
+            if (
+                node.get_type_name() != "Convert"
+                and node.input_value(0).get_node().get_type_name() != "Constant"
+            ):
+                return False
+            node = node.input_value(0).get_node()
+        return node.get_type_name() == "Constant"
+
+    return [
+        op.get_friendly_name()
+        for op in model.get_ordered_ops()
+        if op.get_type_name() == "MatMul"
+        and not any(is_constant(op.input_value(i).get_node()) for i in range(2))
+    ]
+
+
+def quantize_openvino(
+    src: Path,
+    dst: Path,
+    feeds: list[dict[str, np.ndarray]],
+    exclude_nodes: Iterable[str] = (),
+    smooth_quant_alpha: float | None = None,
+    attention_int8: bool = False,
+    preset: str = "mixed",
+) -> Path:
+    """NNCF post-training int8 of an fp32 graph, saved as OpenVINO IR (`dst` ends in .xml)."""
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(src))
+    ignored = list(exclude_nodes)
+    if not attention_int8:
+        ignored += activation_matmuls(model)
+    advanced = nncf.AdvancedQuantizationParameters()
+    if smooth_quant_alpha is not None:
+        advanced.smooth_quant_alphas = nncf.AdvancedSmoothQuantParameters(matmul=smooth_quant_alpha)
+    quantized = nncf.quantize(
+        model,
+        nncf.Dataset(feeds),
+        preset=nncf.QuantizationPreset.MIXED
+        if preset == "mixed"
+        else nncf.QuantizationPreset.PERFORMANCE,
+        model_type=nncf.ModelType.TRANSFORMER,
+        subset_size=len(feeds),
+        fast_bias_correction=True,
+        ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
+        advanced_parameters=advanced,
+    )
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(quantized, str(dst), compress_to_fp16=False)
+    return dst

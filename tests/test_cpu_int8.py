@@ -1,0 +1,147 @@
+"""CPU int8 graphs from the tiny bundle: they run, keep accuracy and have the intended ops."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import clipedge
+from clipedge.calibration import cpu_int8
+from clipedge.calibration.cpu_int8 import quantize_cpu, weight_matmuls
+from clipedge.calibration.data import image_feeds, text_feeds
+
+from conftest import FIXTURE
+
+# Measured on the tiny random model: min cosine 0.9985 (vision dynamic) to 0.9998 (text);
+# qoperator also quantises MatMul outputs to uint8, which costs the most (vision 0.9956).
+MIN_COSINE = 0.99
+
+
+@pytest.fixture(scope="module")
+def feeds(tiny_bundle, reference) -> dict[str, list[dict[str, np.ndarray]]]:
+    model = clipedge.load(tiny_bundle, backend="cpu")
+    images = sorted((FIXTURE / "expected" / "inputs").glob("img*"))
+    return {
+        "text": list(text_feeds(model, reference["texts"])),
+        "vision": list(image_feeds(model, images)),
+    }
+
+
+def _run(graph: Path, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, feed)[0] for feed in feeds])
+
+
+def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    return float(cos.min())
+
+
+def _ops(graph: Path) -> Counter:
+    return Counter(node.op_type for node in onnx.load(str(graph)).graph.node)
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_bundle, feeds, tmp_path_factory) -> dict[tuple[str, str], Path]:
+    out = tmp_path_factory.mktemp("int8")
+    return {
+        (mode, tower): quantize_cpu(
+            tiny_bundle / f"{tower}.onnx", out / mode / f"{tower}.onnx", mode, feeds[tower]
+        )
+        for mode in cpu_int8.MODES
+        for tower in ("text", "vision")
+    }
+
+
+@pytest.mark.parametrize("tower", ["text", "vision"])
+@pytest.mark.parametrize("mode", cpu_int8.MODES)
+def test_int8_keeps_cosine(tiny_bundle, feeds, quantized, mode, tower):
+    reference = _run(tiny_bundle / f"{tower}.onnx", feeds[tower])
+    output = _run(quantized[mode, tower], feeds[tower])
+    assert output.shape == reference.shape
+    assert _min_cosine(output, reference) >= MIN_COSINE
+
+
+@pytest.mark.parametrize("tower", ["text", "vision"])
+def test_dynamic_quantises_every_weight_matmul(tiny_bundle, quantized, tower):
+    weights = weight_matmuls(tiny_bundle / f"{tower}.onnx")
+    ops = _ops(quantized["dynamic", tower])
+    assert weights and ops["MatMulInteger"] == len(weights)
+    assert ops["DynamicQuantizeLinear"] == len(weights)
+    # The attention MatMuls (and the text pooling MatMul) stay float.
+    assert ops["MatMul"] == _ops(tiny_bundle / f"{tower}.onnx")["MatMul"] - len(weights)
+
+
+def test_dynamic_stores_word_embeddings_int8(quantized):
+    model = onnx.load(str(quantized["dynamic", "text"]))
+    initializers = {init.name: init for init in model.graph.initializer}
+    gather = next(
+        n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in initializers
+    )
+    # onnxruntime stores a Gather table with the activation type: uint8 plus a zero point.
+    assert initializers[gather.input[0]].data_type == onnx.TensorProto.UINT8
+    consumers = [n.op_type for n in model.graph.node if gather.output[0] in n.input]
+    assert consumers == ["DequantizeLinear"]
+
+
+@pytest.mark.parametrize("tower", ["text", "vision"])
+def test_qdq_u8_quantises_weight_matmul_inputs_only(tiny_bundle, quantized, tower):
+    model = onnx.load(str(quantized["qdq_u8", tower]))
+    producers = {out: node for node in model.graph.node for out in node.output}
+    weights = set(weight_matmuls(tiny_bundle / f"{tower}.onnx"))
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            zero_point = next(i for i in model.graph.initializer if i.name == node.input[2])
+            assert zero_point.data_type == onnx.TensorProto.UINT8  # u8 activations
+        if node.op_type == "MatMul":
+            fed = [producers[i].op_type if i in producers else "input" for i in node.input]
+            quantised = fed == ["DequantizeLinear", "DequantizeLinear"]
+            assert quantised == (node.name in weights), (node.name, fed)
+    assert (
+        _ops(quantized["qdq_u8", tower])["Softmax"]
+        == _ops(tiny_bundle / f"{tower}.onnx")["Softmax"]
+    )
+
+
+@pytest.mark.parametrize("tower", ["text", "vision"])
+def test_qoperator_writes_qlinear_matmuls(tiny_bundle, quantized, tower):
+    weights = weight_matmuls(tiny_bundle / f"{tower}.onnx")
+    ops = _ops(quantized["qoperator", tower])
+    assert ops["QLinearMatMul"] == len(weights)
+    assert "QLinearSoftmax" not in ops
+
+
+@pytest.mark.parametrize("mode", cpu_int8.MODES)
+def test_excluded_nodes_stay_float(tiny_bundle, feeds, tmp_path, mode):
+    src = tiny_bundle / "vision.onnx"
+    keep = weight_matmuls(src)[:2]
+    dst = quantize_cpu(src, tmp_path / "vision.onnx", mode, feeds["vision"], exclude_nodes=keep)
+    model = onnx.load(str(dst))
+    nodes = {node.name: node for node in model.graph.node}
+    floats = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    for name in keep:
+        assert nodes[name].op_type == "MatMul" and nodes[name].input[1] in floats
+    assert _min_cosine(_run(dst, feeds["vision"]), _run(src, feeds["vision"])) >= MIN_COSINE
+
+
+def test_large_graphs_keep_weights_external(tiny_bundle, tmp_path, monkeypatch):
+    # The full-size text tower (2.2 GB) cannot be one protobuf: pretend the tiny one is large.
+    monkeypatch.setattr(cpu_int8, "EXTERNAL_DATA_BYTES", 0)
+    dst = quantize_cpu(tiny_bundle / "text.onnx", tmp_path / "text.onnx", "dynamic")
+    assert (tmp_path / "text.onnx.data").stat().st_size > dst.stat().st_size
+    ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+
+
+def test_bad_arguments(tiny_bundle, tmp_path):
+    src = tiny_bundle / "text.onnx"
+    with pytest.raises(ValueError, match="unknown mode 'int4'"):
+        quantize_cpu(src, tmp_path / "a.onnx", "int4")
+    with pytest.raises(ValueError, match="needs calibration feeds"):
+        quantize_cpu(src, tmp_path / "a.onnx", "qdq_u8")
+    with pytest.raises(ValueError, match="must differ from src"):
+        quantize_cpu(src, src, "dynamic")
