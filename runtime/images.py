@@ -8,7 +8,8 @@ shortest side (= PIL's antialiased bicubic, long side `int(size * long / short)`
 - landscape images are cropped between PIL's two separable passes (horizontal, then vertical,
   each rounded to uint8 in PIL too), so the vertical pass only computes the kept columns;
 - `(x / 255 - mean) / std` takes only 256 values per channel, so it is a float32 lookup table
-  computed with the same float32 operations as torch.
+  computed with the same float32 operations as torch;
+- Pillow keeps freed image buffers for reuse (see `cache_pillow_buffers`).
 
 Errors are `ImageInputError`s naming the item index, so a batch caller can report which input
 failed. EXIF orientation is not applied (the official pipeline does not either).
@@ -35,6 +36,8 @@ from PIL import Image
 DEFAULT_MAX_PIXELS = 89_478_485
 DEFAULT_MAX_URL_BYTES = 32 * 1024 * 1024
 DEFAULT_URL_TIMEOUT = 10.0
+# Enough for about four images in flight (decoded, resized, cropped and final buffers each).
+PILLOW_BLOCKS_CACHED = 16
 
 ImageInput = (
     str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO | Image.Image | np.ndarray
@@ -193,8 +196,22 @@ def _url_bytes(url: str, index: int, allow: bool, timeout: float, max_bytes: int
     return data
 
 
+def cache_pillow_buffers(blocks: int = PILLOW_BLOCKS_CACHED) -> None:
+    """Let Pillow keep up to `blocks` freed image buffers instead of returning them to the OS.
+
+    Pillow's default (PILLOW_BLOCKS_MAX=0) makes every image touch fresh pages: about 2000 page
+    faults and 20% of the CPU time for a 1280x848 JPEG. Cached blocks are at most Pillow's block
+    size (16 MiB) each. Process-wide; an explicit PILLOW_BLOCKS_MAX and larger settings are kept.
+    """
+    if "PILLOW_BLOCKS_MAX" not in os.environ and Image.core.get_blocks_max() < blocks:
+        Image.core.set_blocks_max(blocks)
+
+
 class ImagePreprocessor:
-    """Shortest-side bicubic resize, centre crop and mean/std normalisation to float32 CHW."""
+    """Shortest-side bicubic resize, centre crop and mean/std normalisation to float32 CHW.
+
+    Constructing one calls `cache_pillow_buffers()`.
+    """
 
     def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -207,6 +224,7 @@ class ImagePreprocessor:
         # The same float32 operations as ToTensor (x / 255) then Normalize ((x - mean) / std).
         levels = np.arange(256, dtype=np.float32) / np.float32(255)
         self._table = (levels[None, :] - mean32[:, None]) / std32[:, None]
+        cache_pillow_buffers()
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ImagePreprocessor:

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from clipedge.images import (
+    PILLOW_BLOCKS_CACHED,
     ImageInputError,
     ImagePreprocessor,
     load_image,
@@ -274,3 +275,18 @@ def test_config_validation():
         ImagePreprocessor(0, CLIP_MEAN, CLIP_STD)
     with pytest.raises(ValueError, match="std"):
         ImagePreprocessor(64, CLIP_MEAN, [0.0, 1.0, 1.0])
+
+
+def test_preprocessor_keeps_pillow_buffers_unless_configured(monkeypatch):
+    previous = Image.core.get_blocks_max()
+    try:
+        monkeypatch.delenv("PILLOW_BLOCKS_MAX", raising=False)
+        Image.core.set_blocks_max(0)
+        ImagePreprocessor(64, CLIP_MEAN, CLIP_STD)
+        assert Image.core.get_blocks_max() == PILLOW_BLOCKS_CACHED
+        monkeypatch.setenv("PILLOW_BLOCKS_MAX", "0")
+        Image.core.set_blocks_max(0)
+        ImagePreprocessor(64, CLIP_MEAN, CLIP_STD)
+        assert Image.core.get_blocks_max() == 0
+    finally:
+        Image.core.set_blocks_max(previous)
