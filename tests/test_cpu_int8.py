@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections import Counter
 from pathlib import Path
 
@@ -145,3 +146,34 @@ def test_bad_arguments(tiny_bundle, tmp_path):
         quantize_cpu(src, tmp_path / "a.onnx", "qdq_u8")
     with pytest.raises(ValueError, match="must differ from src"):
         quantize_cpu(src, src, "dynamic")
+
+
+needs_nncf = pytest.mark.skipif(
+    importlib.util.find_spec("nncf") is None or importlib.util.find_spec("openvino") is None,
+    reason="OpenVINO int8 needs the optional openvino and nncf packages",
+)
+
+
+@needs_nncf
+@pytest.mark.parametrize("tower", ["text", "vision"])
+def test_openvino_int8_keeps_cosine_and_float_attention(tiny_bundle, feeds, tmp_path, tower):
+    import openvino as ov
+
+    from clipedge.openvino_backend import OpenVinoSession
+
+    src = tiny_bundle / f"{tower}.onnx"
+    attention = cpu_int8.activation_matmuls(ov.Core().read_model(str(src)))
+    # Two attention MatMuls per layer (tiny: 2 layers), plus the text tower's pooling MatMul.
+    assert len(attention) == (5 if tower == "text" else 4)
+    dst = cpu_int8.quantize_openvino(src, tmp_path / f"{tower}.xml", feeds[tower])
+    model = ov.Core().read_model(str(dst))
+    quantised = {
+        op.get_friendly_name()
+        for op in model.get_ops()
+        if op.get_type_name() == "MatMul"
+        and op.input_value(0).get_node().get_type_name() == "FakeQuantize"
+    }
+    assert quantised and not quantised & set(attention)
+    session = OpenVinoSession(dst, inference_precision="f32")
+    output = np.concatenate([session.run(feed) for feed in feeds[tower]])
+    assert _min_cosine(output, _run(src, feeds[tower])) >= MIN_COSINE
