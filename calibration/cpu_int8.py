@@ -188,3 +188,20 @@ def quantize_openvino(
     dst.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(quantized, str(dst), compress_to_fp16=False)
     return dst
+
+
+def compress_openvino(src: Path, dst: Path) -> Path:
+    """int8 weights (per channel, symmetric, data-free) for OpenVINO, saved as IR.
+
+    Run with the CPU property DYNAMIC_QUANTIZATION_GROUP_SIZE so that activations are
+    quantised per call, OpenVINO's analogue of onnxruntime's dynamic int8; attention and
+    elementwise ops keep the inference precision (bf16).
+    """
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(src))
+    compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(compressed, str(dst), compress_to_fp16=False)
+    return dst
