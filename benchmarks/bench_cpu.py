@@ -1,0 +1,515 @@
+"""The fastest CPU path for jina-clip-v2: every engine side by side on the full-size towers.
+
+Engines: PyTorch eager fp32, PyTorch torch.compile + bf16 autocast (the peer; its per-shape
+compile is reported apart), onnxruntime fp32 and its int8 forms (`calibration.cpu_int8`),
+OpenVINO bf16 and OpenVINO int8 (NNCF). Cases, batch as given: one 512 px image, 8 texts x 32
+tokens, 1 text x 512 tokens. For each engine: the median of n timed runs after a warm-up
+(n >= 5, fewer for slow engines: the number is reported), start-up time, the first call per
+shape (compile for torch.compile), and cosine to onnxruntime fp32 on held-out inputs that
+calibration never saw.
+
+Each engine and tower runs in its own child process, one at a time, so memory stays that of
+one engine (< 12 GB) and a crash costs one row. Quantised graphs are built once into --work.
+
+    flock /tmp/clipedge-heavy.lock .venv/bin/python benchmarks/bench_cpu.py \
+        --bundle /tmp/clipedge-bench/work/bundle --checkpoint /tmp/clipedge-bench/checkpoint \
+        --work /tmp/clipedge-bench/cpu --out /tmp/clipedge-bench/cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Feed = dict[str, np.ndarray]
+Runner = Callable[[Feed], np.ndarray]
+
+CASES = {
+    "image_1x512px": ("vision", 1, 0),
+    "text_8x32": ("text", 8, 32),
+    "text_1x512": ("text", 1, 512),
+}
+TOWER_CASES = {
+    tower: [c for c, (t, _, _) in CASES.items() if t == tower] for tower in ("text", "vision")
+}
+GOAL_S = {"image_1x512px": 0.6, "text_8x32": 0.08, "text_1x512": 0.18}
+# Given in the issue for this machine: total FLOPs over its peak int8/bf16 matrix throughput.
+FLOOR_S = {"image_1x512px": 0.23, "text_8x32": 0.04, "text_1x512": 0.08}
+OV_DYNAMIC_GROUP = 32
+ENGINES = {  # run in this order (the reference first), so a cut-short run has the key rows
+    "ort-fp32": "onnxruntime CPU EP, fp32 graph (reference)",
+    "ov-bf16": "OpenVINO CPU, bf16 inference precision, fp32 ONNX read directly",
+    "ort-dynamic-int8": "onnxruntime, dynamic int8 (MatMul + embedding Gather, per channel)",
+    "ov-int8": "OpenVINO CPU, NNCF int8 (no SmoothQuant, attention MatMuls bf16) + bf16",
+    "ov-int8-dynamic": "OpenVINO CPU, int8 weights + activations quantised per call (groups of "
+    f"{OV_DYNAMIC_GROUP}) + bf16",
+    "torch-compile-bf16": "PyTorch torch.compile (inductor, freezing) + bf16 autocast",
+    "ort-qdq-u8": "onnxruntime, static QDQ u8 activations on weight MatMuls",
+    "ort-qoperator-u8": "onnxruntime, static QOperator (QLinearMatMul) on weight MatMuls",
+    "torch-eager-fp32": "PyTorch eager, fp32",
+}
+REFERENCE = "ort-fp32"
+MIN_RUNS, MAX_RUNS, TIME_BUDGET_S = 5, 20, 40.0
+SLOW_MIN_RUNS = 2  # engines slower than TIME_BUDGET_S / MIN_RUNS per call
+
+FIXTURE_IMAGES = (
+    Path(__file__).resolve().parents[1] / "tests/fixtures/jina-clip-v2-tiny/expected/inputs"
+)
+CALIBRATION_IMAGES = [
+    "coffee.png",
+    "camera.png",
+    "horse.png",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+    "motorcycle_left.png",
+    "brick.png",
+    "page.png",
+]
+EVAL_IMAGES = ["astronaut.png", "chelsea.png", "rocket.jpg"]
+SENTENCES = [
+    "A cat sleeps on a red sofa next to an open window.",
+    "Two children build a sandcastle while the tide comes in.",
+    "The quarterly report shows revenue growth in every region except Europe.",
+    "Ein Hund rennt über eine nasse Wiese im Morgennebel.",
+    "Le marché du samedi vend des fromages, du pain et des fleurs.",
+    "La receta lleva tomates maduros, ajo, aceite de oliva y sal marina.",
+    "Поезд прибыл на станцию с опозданием на двадцать минут.",
+    "東京の夜景は高層ビルの明かりでとても美しい。",
+    "一只小鸟站在雪地里的树枝上。",
+    "Il museo espone dipinti del Rinascimento e sculture moderne.",
+    "Represent a photo of a mountain lake at sunset with pine trees.",
+    "How do I reset the password of my wireless router?",
+    "De fiets staat tegen de muur van het oude station.",
+    "O gato preto dorme ao sol no telhado da casa.",
+    "Kahve fincanı masanın kenarında duruyor.",
+    "The recipe calls for two cups of flour and a pinch of salt.",
+]
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _image_paths(names: list[str]) -> list[Path]:
+    import skimage
+
+    root = Path(skimage.__file__).parent / "data"
+    return [root / name for name in names]
+
+
+def _texts(rng: random.Random, count: int, words: int) -> list[str]:
+    """`count` texts of about `words` words, drawn from SENTENCES in a seeded order."""
+    texts = []
+    for _ in range(count):
+        parts: list[str] = []
+        while sum(len(p.split()) for p in parts) < words:
+            parts.append(rng.choice(SENTENCES))
+        texts.append(" ".join(parts))
+    return texts
+
+
+def _text_feed(model: Any, texts: list[str], length: int) -> Feed:
+    """Texts cut to exactly `length` tokens (all are longer): shape [len(texts), length]."""
+    rows = model.tokenizer.tokenize(texts, length)
+    assert all(len(r) == length for r in rows), "a benchmark text is shorter than its case"
+    input_ids, mask = model.tokenizer.pad(rows)
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def case_inputs(bundle: Path) -> dict[str, list[Feed]]:
+    """Per case: the feeds to score, the first one also timed. None of them is calibration data."""
+    import clipedge
+
+    model = clipedge.load(bundle, backend="cpu")
+    rng = random.Random(1)
+    images = _image_paths(EVAL_IMAGES) + [FIXTURE_IMAGES / "img3_large_1024x768.jpg"]
+    return {
+        "image_1x512px": [{"pixel_values": model.preprocess_images([p])} for p in images],
+        "text_8x32": [_text_feed(model, _texts(rng, 8, 40), 32) for _ in range(3)],
+        "text_1x512": [_text_feed(model, _texts(rng, 1, 600), 512) for _ in range(3)],
+    }
+
+
+def calibration_feeds(bundle: Path, tower: str) -> list[Feed]:
+    """Calibration inputs in the production form (task prompts, varied lengths, batch 8 / 4)."""
+    import clipedge
+    from clipedge.calibration.data import image_feeds, text_feeds
+
+    model = clipedge.load(bundle, backend="cpu")
+    if tower == "vision":
+        return list(image_feeds(model, _image_paths(CALIBRATION_IMAGES), batch_size=2))
+    rng = random.Random(2)
+    texts = [t for words in (8, 30, 120, 300) for t in _texts(rng, 4, words)]
+    return list(text_feeds(model, texts, batch_size=8))
+
+
+def flops(checkpoint: Path) -> dict[str, float]:
+    """Multiply-add FLOPs per case: weight MatMuls plus attention scores and context."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    from clipedge.export.config import parse_config
+
+    cfg = parse_config(config)
+    text, vision = cfg.text, cfg.vision
+    text_params = text.num_layers * (
+        4 * text.hidden_size**2 + 2 * text.hidden_size * text.intermediate_size
+    )
+    vision_params = vision.layers * (4 * vision.width**2 + 3 * vision.width * vision.mlp_hidden)
+    tokens = vision.grid_size**2 + 1
+
+    def attention(layers: int, batch: int, length: int, width: int) -> float:
+        return 4.0 * layers * batch * length * length * width
+
+    return {
+        "image_1x512px": 2.0 * vision_params * tokens
+        + attention(vision.layers, 1, tokens, vision.width),
+        "text_8x32": 2.0 * text_params * 256 + attention(text.num_layers, 8, 32, text.hidden_size),
+        "text_1x512": 2.0 * text_params * 512
+        + attention(text.num_layers, 1, 512, text.hidden_size),
+    }
+
+
+# --------------------------------------------------------------------------- engines
+
+
+def prepare_graph(engine: str, tower: str, bundle: Path, work: Path) -> tuple[Path, float | None]:
+    """The graph an ORT/OpenVINO engine loads, built into `work` on first use (build seconds)."""
+    from clipedge.calibration import cpu_int8
+
+    source = bundle / f"{tower}.onnx"
+    if engine in ("ort-fp32", "ov-bf16"):
+        return source, None
+    suffix = ".xml" if engine.startswith("ov") else ".onnx"
+    target = work / "graphs" / engine / f"{tower}{suffix}"
+    if target.is_file():
+        return target, None
+    start = time.perf_counter()
+    dynamic = engine in ("ort-dynamic-int8", "ov-int8-dynamic")
+    feeds = None if dynamic else calibration_feeds(bundle, tower)
+    if engine == "ov-int8-dynamic":
+        cpu_int8.compress_openvino(source, target)
+    elif engine == "ov-int8":
+        cpu_int8.quantize_openvino(source, target, feeds)
+    else:
+        mode = {
+            "ort-dynamic-int8": "dynamic",
+            "ort-qdq-u8": "qdq_u8",
+            "ort-qoperator-u8": "qoperator",
+        }
+        cpu_int8.quantize_cpu(source, target, mode[engine], feeds)
+    return target, time.perf_counter() - start
+
+
+def load_engine(engine: str, tower: str, args: argparse.Namespace) -> tuple[Runner, dict[str, Any]]:
+    """A runner for one engine and tower, and what loading it cost."""
+    if engine.startswith("torch"):
+        return _load_torch(engine, tower, args)
+    graph, build_s = prepare_graph(engine, tower, args.bundle, args.work)
+    info: dict[str, Any] = {"graph": str(graph), "build_s": build_s}
+    start = time.perf_counter()
+    if engine.startswith("ov"):
+        from clipedge.backends import SessionOptions
+        from clipedge.openvino_backend import OpenVinoSession
+
+        cache = args.work / "ov-cache" / engine / tower
+        shutil.rmtree(cache, ignore_errors=True)
+        extra = {"DYNAMIC_QUANTIZATION_GROUP_SIZE": str(OV_DYNAMIC_GROUP)}
+        overrides = {"OpenVINO": extra} if engine == "ov-int8-dynamic" else {}
+        options = SessionOptions(threads=args.threads, cache_dir=cache, provider_options=overrides)
+        session = OpenVinoSession(graph, options)
+        info["startup_s"] = time.perf_counter() - start
+        del session
+        start = time.perf_counter()
+        session = OpenVinoSession(graph, options)
+        info["startup_cached_s"] = time.perf_counter() - start
+        info["cache_bytes"] = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+    else:
+        from clipedge.backends import OrtSession, SessionOptions, resolve_providers
+
+        session = OrtSession(graph, resolve_providers("cpu"), SessionOptions(threads=args.threads))
+        info["startup_s"] = time.perf_counter() - start
+    info["provider"] = session.provider
+    return session.run, info
+
+
+def _load_torch(engine: str, tower: str, args: argparse.Namespace) -> tuple[Runner, dict[str, Any]]:
+    import torch
+
+    from clipedge.export.source import resolve_source
+    from clipedge.export.weights import load_towers
+
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    source = resolve_source(str(args.checkpoint))
+    module = load_towers(source.config, source.open_tensors(), [tower])[tower]
+    info: dict[str, Any] = {
+        "startup_s": time.perf_counter() - start,
+        "provider": f"torch {torch.__version__}",
+    }
+    autocast = engine == "torch-compile-bf16"
+    if autocast:
+        import torch._inductor.config as inductor
+
+        inductor.freezing = True  # constant-folds and prepacks weights: the CPU inference setting
+        module = torch.compile(module, dynamic=False)
+
+    def run(feed: Feed) -> np.ndarray:
+        tensors = [torch.from_numpy(feed[name]) for name in sorted(feed, key=_input_order)]
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            return module(*tensors).float().numpy()
+
+    return run, info
+
+
+def _input_order(name: str) -> int:
+    return ["input_ids", "attention_mask", "pixel_values"].index(name)
+
+
+def time_case(run: Runner, feed: Feed) -> dict[str, Any]:
+    """First call (per-shape compile included), then a warm-up and the median of n runs."""
+    start = time.perf_counter()
+    run(feed)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    run(feed)
+    warm = time.perf_counter() - start
+    wanted = MIN_RUNS if warm * MIN_RUNS <= TIME_BUDGET_S else SLOW_MIN_RUNS
+    times: list[float] = []
+    budget_end = time.perf_counter() + TIME_BUDGET_S
+    while len(times) < wanted or (len(times) < MAX_RUNS and time.perf_counter() < budget_end):
+        start = time.perf_counter()
+        run(feed)
+        times.append(time.perf_counter() - start)
+    return {
+        "first_call_s": first,
+        "median_ms": 1000 * statistics.median(times),
+        "n": len(times),
+        "times_ms": [round(1000 * t, 2) for t in times],
+    }
+
+
+def cosines(outputs: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    outputs, reference = outputs.astype(np.float64), reference.astype(np.float64)
+    dots = (outputs * reference).sum(axis=1)
+    return dots / np.linalg.norm(outputs, axis=1) / np.linalg.norm(reference, axis=1)
+
+
+def run_child(args: argparse.Namespace) -> dict[str, Any]:
+    """One engine on one tower: load, time each case, score against the reference outputs."""
+    engine, tower = args.engine, args.tower
+    inputs = case_inputs(args.bundle)
+    run, info = load_engine(engine, tower, args)
+    result: dict[str, Any] = {**info, "cases": {}}
+    outputs = {}
+    for case in TOWER_CASES[tower]:
+        result["cases"][case] = time_case(run, inputs[case][0])
+        outputs[case] = np.concatenate([run(feed) for feed in inputs[case]])
+    reference_file = args.work / f"reference-{tower}.npz"
+    if engine == REFERENCE:
+        np.savez(reference_file, **outputs)
+    reference = np.load(reference_file)
+    scores = np.concatenate([cosines(outputs[c], reference[c]) for c in outputs])
+    result["cosine_mean"], result["cosine_min"] = float(scores.mean()), float(scores.min())
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    return result
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    flags = next(
+        (
+            line.split(":", 1)[1].split()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        ),
+        [],
+    )
+    versions = {}
+    for name in ("onnxruntime", "openvino", "nncf", "torch", "numpy"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "threads_used": threads,
+        "matrix_isa": sorted(
+            f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512_vnni", "avx_vnni"))
+        ),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    """Every engine x tower in a child process, the reference first."""
+    engines = [REFERENCE, *[e for e in args.engines if e != REFERENCE]]
+    results: dict[str, Any] = {
+        "machine": machine_info(args.threads),
+        "flops": flops(args.checkpoint),
+        "goal_s": GOAL_S,
+        "floor_s": FLOOR_S,
+        "engines": {},
+    }
+    args.work.mkdir(parents=True, exist_ok=True)
+    for engine in engines:
+        results["engines"][engine] = {"description": ENGINES[engine]}
+        for tower in args.towers:
+            out = args.work / f"child-{engine}-{tower}.json"
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--engine",
+                engine,
+                "--tower",
+                tower,
+                "--bundle",
+                str(args.bundle),
+                "--checkpoint",
+                str(args.checkpoint),
+                "--work",
+                str(args.work),
+                "--threads",
+                str(args.threads),
+                "--out",
+                str(out),
+            ]
+            print(f"[{engine}] {tower} ...", flush=True)
+            start = time.perf_counter()
+            proc = subprocess.run(command, capture_output=True, text=True)
+            if proc.returncode != 0:
+                tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+                results["engines"][engine][tower] = {"error": tail}
+                print(f"[{engine}] {tower} FAILED:\n  " + "\n  ".join(tail), flush=True)
+                continue
+            child = json.loads(out.read_text())
+            child["wall_s"] = time.perf_counter() - start
+            results["engines"][engine][tower] = child
+            cases = ", ".join(
+                f"{c} {v['median_ms']:.0f} ms (n={v['n']})" for c, v in child["cases"].items()
+            )
+            print(f"[{engine}] {tower}: {cases}; cosine min {child['cosine_min']:.5f}", flush=True)
+            args.out.write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _cell_case(result: dict[str, Any], case: str) -> str:
+    tower = CASES[case][0]
+    entry = result.get(tower, {})
+    if "error" in entry:
+        return "failed"
+    timing = entry.get("cases", {}).get(case)
+    if timing is None:
+        return "-"
+    mark = " ✓" if timing["median_ms"] <= 1000 * GOAL_S[case] else ""
+    ms = timing["median_ms"]
+    shown = f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}"
+    return f"{shown} (n={timing['n']}){mark}"
+
+
+def _cell_tower(result: dict[str, Any], tower: str, render: Callable[[dict[str, Any]], str]) -> str:
+    entry = result.get(tower)
+    return "-" if not entry or "error" in entry else render(entry)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    machine = results["machine"]
+    lines = [
+        f"CPU: {machine['cpu']}, {machine['cores']} cores, {machine['threads_used']} threads, "
+        f"matrix ISA: {', '.join(machine['matrix_isa']) or 'none'}; "
+        + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v),
+        "",
+        "| engine | image 1x512px ms | text 8x32 ms | text 1x512 ms | start-up s (text / vision) "
+        "| first call s (per shape) | cosine text mean / min | cosine vision mean / min |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for engine, result in results["engines"].items():
+        startup = " / ".join(
+            _cell_tower(
+                result,
+                t,
+                lambda e: (
+                    f"{e['startup_s']:.1f}"
+                    + (f" ({e['startup_cached_s']:.1f} cached)" if "startup_cached_s" in e else "")
+                ),
+            )
+            for t in ("text", "vision")
+        )
+        first = ", ".join(
+            f"{result[t]['cases'][c]['first_call_s']:.1f}"
+            for c, (t, _, _) in CASES.items()
+            if "cases" in result.get(t, {})
+        )
+        cos = [
+            _cell_tower(result, t, lambda e: f"{e['cosine_mean']:.4f} / {e['cosine_min']:.4f}")
+            for t in ("text", "vision")
+        ]
+        cells = [_cell_case(result, c) for c in CASES]
+        lines.append(
+            f"| {engine} | {' | '.join(cells)} | {startup} | {first or '-'} | {cos[0]} | {cos[1]} |"
+        )
+    goal = " | ".join(f"{1000 * results['goal_s'][c]:.0f}" for c in CASES)
+    floor = " | ".join(f"{1000 * results['floor_s'][c]:.0f}" for c in CASES)
+    gflop = " | ".join(f"{results['flops'][c] / 1e9:.0f} GFLOP" for c in CASES)
+    lines += [
+        f"| goal | {goal} | | | | |",
+        f"| arithmetic floor (issue) | {floor} | | | | |",
+        f"| work per case | {gflop} | | | | |",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, required=True, help="full-size fp32 bundle")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="its checkpoint (torch)")
+    parser.add_argument("--work", type=Path, required=True, help="quantised graphs, caches")
+    parser.add_argument("--out", type=Path, required=True, help="JSON results")
+    parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES))
+    parser.add_argument(
+        "--towers", nargs="+", choices=["text", "vision"], default=["text", "vision"]
+    )
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--engine", choices=list(ENGINES), help=argparse.SUPPRESS)
+    parser.add_argument("--tower", choices=["text", "vision"], help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        args.out.write_text(json.dumps(run_child(args), indent=2))
+        return
+    results = run_all(args)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
