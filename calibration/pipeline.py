@@ -80,6 +80,11 @@ def _tower_precision(
         fp32_blocks = result.fp32_blocks
     else:
         convert([], destination)
+    overflow: list[str] = []
+    if precision == "fp16":
+        from .fp16 import find_overflow
+
+        overflow = find_overflow(destination, calib_feeds)
     embeddings, ms = timed_embeddings(cpu_session(destination), tower, held_feeds)
     stats = cosine_stats(reference_held, embeddings)
     accuracy = TowerAccuracy(
@@ -92,6 +97,7 @@ def _tower_precision(
         fp32_ms_per_batch=fp32_ms,
         target_cosine=target,
         fp32_blocks=fp32_blocks,
+        overflow=overflow,
         **stats,
     )
     return accuracy, embeddings
@@ -162,6 +168,7 @@ def calibrate_bundle(
                     "passed": accuracy.passed,
                     "method": method if PRECISIONS[precision].needs_calibration else None,
                     "fp32_blocks": accuracy.fp32_blocks,
+                    "overflow": accuracy.overflow,
                 },
             )
             gc.collect()

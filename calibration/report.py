@@ -46,10 +46,11 @@ class TowerAccuracy:
     fp32_ms_per_batch: float
     target_cosine: float
     fp32_blocks: list[str] = field(default_factory=list)
+    overflow: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return self.cosine_min >= self.target_cosine
+        return self.cosine_min >= self.target_cosine and not self.overflow
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
@@ -141,5 +142,6 @@ def format_table(entries: Sequence[TowerAccuracy]) -> str:
             f"{e.ms_per_batch / e.fp32_ms_per_batch:>7.2f} {e.target_cosine:>7.4f}  "
             f"{'pass' if e.passed else 'BELOW TARGET'}"
             + (f" (fp32 blocks: {', '.join(e.fp32_blocks)})" if e.fp32_blocks else "")
+            + (f" (inf/NaN in: {', '.join(e.overflow[:5])})" if e.overflow else "")
         )
     return "\n".join(lines)

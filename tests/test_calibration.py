@@ -86,13 +86,18 @@ def calibrate_args(bundle: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_int8_cpu_precision_end_to_end(bundle_copy, reference, capsys):
-    assert main(calibrate_args(bundle_copy, "--precisions", "int8-cpu")) == 0
+def test_every_precision_end_to_end(bundle_copy, reference, capsys):
+    assert main(calibrate_args(bundle_copy, "--precisions", "fp16,int8,int8-cpu")) == 0
     out = capsys.readouterr().out
     assert "cos min" in out and "retrieval agreement" in out
     manifest = json.loads((bundle_copy / "clipedge.json").read_text())
-    entry = manifest["towers"]["text"]["graphs"]["int8-cpu"]
-    assert entry["device"] == "cpu" and entry["accuracy"]["passed"]
+    graphs = manifest["towers"]["text"]["graphs"]
+    assert graphs["int8-cpu"]["device"] == "cpu" and graphs["int8-cpu"]["accuracy"]["passed"]
+    assert graphs["fp16"]["device"] == graphs["int8"]["device"] == "gpu"
+    assert graphs["fp16"]["accuracy"]["overflow"] == []
+    assert graphs["int8"]["accuracy"]["method"] == "max"
+    for name in ("text.fp16.onnx", "vision.int8.onnx", "text.int8-cpu.onnx"):
+        assert name in manifest["files"]
     report = json.loads((bundle_copy / "accuracy_report.json").read_text())
     assert {t["tower"] for t in report["towers"]} == {"text", "vision"}
     assert "random weights" in report["note"]
