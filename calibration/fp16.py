@@ -9,8 +9,8 @@ the fp32 -> fp16 -> fp32 Cast pairs that the converter leaves between neighbouri
 are removed (they would round fp32 tensors through fp16), and the nodes are put back in
 topological order (the converter appends its Casts at the end of the node list).
 
-`tensor_stats` / `find_overflow` run a graph with a non-finite count and the largest finite
-magnitude of every intermediate float tensor as extra outputs, to prove a conversion clean on
+`tensor_stats` / `find_overflow` run a graph with the finiteness and the largest magnitude of
+every intermediate float tensor as extra outputs, to prove a conversion clean on
 real inputs and to find which tensors of the fp32 graph leave fp16's range.
 """
 
@@ -183,62 +183,61 @@ FLOAT_LIMITS = {
 
 @dataclass(frozen=True)
 class TensorStats:
-    """One tensor over all feeds: inf/NaN count, largest finite |value|, and the largest
-    finite value of the type the graph declares for it."""
+    """One tensor over all feeds: whether it stayed finite, its largest |value| (inf when it
+    was not), and the largest finite value of the type the graph declares for it."""
 
-    nonfinite: int
+    finite: bool
     max_abs: float
     limit: float
 
     @property
     def overflows(self) -> bool:
-        return self.nonfinite > 0 or self.max_abs > self.limit
+        return not self.finite or self.max_abs > self.limit
 
 
 def _instrument(model: onnx.ModelProto) -> dict[str, int]:
-    """Add [non-finite count, max finite |x|] outputs per intermediate float tensor.
+    """Give every intermediate float tensor two scalar outputs: sum and max of |x|.
 
+    The sum is NaN or inf exactly when the tensor holds a NaN or inf. The nodes go right
+    after the producer, so that a priority-based execution order reduces and frees each
+    tensor at once (measured: 12 chained 256 MB tensors peak at 0.56 GB, 3.4 GB otherwise).
     Returns the instrumented tensors with their declared element types.
     """
     graph = model.graph
     types = _elem_types(model)
     initializers = {t.name for t in graph.initializer}
-    zero = helper.make_tensor("_stats_zero", TensorProto.FLOAT, [], [0.0])
-    graph.initializer.append(zero)
     names: dict[str, int] = {}
-    for node in list(graph.node):
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
         for name in node.output:
             if not name or name in initializers or types.get(name) not in FLOAT_TYPES:
                 continue
             stem = f"_stats_{len(names)}"
-            graph.node.extend(
-                [
-                    helper.make_node("Cast", [name], [stem + "_f32"], to=TensorProto.FLOAT),
-                    helper.make_node("IsInf", [stem + "_f32"], [stem + "_inf"]),
-                    helper.make_node("IsNaN", [stem + "_f32"], [stem + "_nan"]),
-                    helper.make_node("Or", [stem + "_inf", stem + "_nan"], [stem + "_bad"]),
-                    helper.make_node("Cast", [stem + "_bad"], [stem + "_badf"], to=1),
-                    helper.make_node("ReduceSum", [stem + "_badf"], [stem + "_count"], keepdims=0),
-                    helper.make_node("Abs", [stem + "_f32"], [stem + "_abs"]),
-                    helper.make_node(
-                        "Where", [stem + "_bad", zero.name, stem + "_abs"], [stem + "_finite"]
-                    ),
-                    helper.make_node("ReduceMax", [stem + "_finite"], [stem + "_max"], keepdims=0),
-                ]
-            )
-            for out in ("_count", "_max"):
+            value = name
+            if types[name] != TensorProto.FLOAT:
+                value = stem + "_f32"
+                nodes.append(helper.make_node("Cast", [name], [value], to=TensorProto.FLOAT))
+            nodes += [
+                helper.make_node("Abs", [value], [stem + "_abs"]),
+                helper.make_node("ReduceSum", [stem + "_abs"], [stem + "_sum"], keepdims=0),
+                helper.make_node("ReduceMax", [stem + "_abs"], [stem + "_max"], keepdims=0),
+            ]
+            for out in ("_sum", "_max"):
                 graph.output.append(
                     helper.make_tensor_value_info(stem + out, TensorProto.FLOAT, [])
                 )
             names[name] = types[name]
+    del graph.node[:]
+    graph.node.extend(nodes)
     return names
 
 
 def tensor_stats(graph: Path, feeds: Sequence[Feed]) -> dict[str, TensorStats]:
-    """Non-finite count and largest finite magnitude of every intermediate float tensor.
+    """Finiteness and largest magnitude of every intermediate float tensor over `feeds`.
 
-    The graph is instrumented on a copy in memory (the file is untouched): each tensor gets a
-    few reduction nodes, so memory stays that of a normal run instead of holding every
+    The graph is instrumented on a copy in memory (the file is untouched): each tensor gets
+    two scalar reductions, so memory stays near that of a normal run instead of holding every
     intermediate (the full-size vision tower's attention maps alone would take > 10 GB).
     Graph optimisations are off so that every tensor the graph names is computed as written.
     """
@@ -247,6 +246,8 @@ def tensor_stats(graph: Path, feeds: Sequence[Feed]) -> dict[str, TensorStats]:
     names = _instrument(model)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    # The default order runs the reductions last and keeps every tensor alive until then.
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     # External weights are read from beside the original graph, not copied.
     options.add_session_config_entry(
         "session.model_external_initializers_file_folder_path", str(graph.parent.resolve())
@@ -256,15 +257,15 @@ def tensor_stats(graph: Path, feeds: Sequence[Feed]) -> dict[str, TensorStats]:
     )
     del model
     outputs = [o.name for o in session.get_outputs()]
-    counts = np.zeros(len(names))
+    finite = np.ones(len(names), dtype=bool)
     maxima = np.zeros(len(names))
     for feed in feeds:
         values = dict(zip(outputs, session.run(None, feed), strict=True))
         for i in range(len(names)):
-            counts[i] += values[f"_stats_{i}_count"]
-            maxima[i] = max(maxima[i], values[f"_stats_{i}_max"])
+            finite[i] &= bool(np.isfinite(values[f"_stats_{i}_sum"]))
+            maxima[i] = max(maxima[i], float(values[f"_stats_{i}_max"]))
     return {
-        name: TensorStats(int(counts[i]), float(maxima[i]), FLOAT_LIMITS[dtype])
+        name: TensorStats(bool(finite[i]), float(maxima[i]), FLOAT_LIMITS[dtype])
         for i, (name, dtype) in enumerate(names.items())
     }
 
@@ -276,7 +277,7 @@ def find_overflow(graph: Path, feeds: Sequence[Feed]) -> list[str]:
     ops (MatMul, Add, Mul, Softmax, ... on x86), so it runs each run of such ops in fp32
     between inserted Casts and drops the Cast pairs in between: a tensor the graph declares
     fp16 may never be stored in fp16 and then holds 90000 where a GPU would hold inf. The
-    check therefore flags a tensor as overflowing when it is inf/NaN *or* its magnitude
+    check therefore flags a tensor as overflowing when it holds inf/NaN *or* its magnitude
     exceeds what its declared type can hold (65504 for fp16): the first tensor that would
     overflow on the GPU is reported either way. It cannot see (a) overflow *inside* a
     kernel whose output is in range, should a GPU kernel accumulate in fp16 (a GEMM tactic,

@@ -25,6 +25,7 @@ import contextlib
 import io
 import logging
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -80,20 +81,21 @@ class FeedReader(CalibrationDataReader):
 
 
 def _embedding_gathers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """Gathers along axis 0 of a 2-D float weight: embedding lookups."""
+    """Gathers along axis 0 of a 2-D float weight that nothing else reads: embedding lookups."""
     tables = {
         t.name
         for t in model.graph.initializer
         if t.data_type == TensorProto.FLOAT and len(t.dims) == 2
     }
-    axis = {
-        n.name: next((a.i for a in n.attribute if a.name == "axis"), 0) for n in model.graph.node
-    }
-    return [
+    gathers = [
         node
         for node in model.graph.node
-        if node.op_type == "Gather" and node.input[0] in tables and axis[node.name] == 0
+        if node.op_type == "Gather"
+        and node.input[0] in tables
+        and next((a.i for a in node.attribute if a.name == "axis"), 0) == 0
     ]
+    readers = Counter(name for node in model.graph.node for name in node.input)
+    return [node for node in gathers if readers[node.input[0]] == 1]
 
 
 def quantize_embedding_rows(
@@ -106,16 +108,16 @@ def quantize_embedding_rows(
     Row-wise scales keep rare tokens with small rows as precise as frequent large ones; a
     gathered value is within scale/2 of the fp32 one.
     """
-    initializers = {t.name: t for t in model.graph.initializer}
     exclude = set(exclude_nodes)
     for node in [n for n in _embedding_gathers(model) if n.name not in exclude]:
         name, ids, output = node.input[0], node.input[1], node.output[0]
-        table = numpy_helper.to_array(initializers[name])
+        # By index: removing a 1 GB TensorProto by value would compare it field by field.
+        position = next(i for i, t in enumerate(model.graph.initializer) if t.name == name)
+        table = numpy_helper.to_array(model.graph.initializer[position])
         peak = np.abs(table).max(axis=1, keepdims=True)
         scales = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
         quantized = np.clip(np.rint(table / scales), -127, 127).astype(np.int8)
-        del table
-        model.graph.initializer.remove(initializers[name])
+        del table, model.graph.initializer[position]
         model.graph.initializer.extend(
             [
                 numpy_helper.from_array(quantized, name + "_int8"),
@@ -123,7 +125,7 @@ def quantize_embedding_rows(
             ]
         )
         index = list(model.graph.node).index(node)
-        model.graph.node.remove(node)
+        del model.graph.node[index]
         replacement = [
             helper.make_node("Gather", [name + "_int8", ids], [output + "_int8"], name=node.name),
             helper.make_node(

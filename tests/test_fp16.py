@@ -171,17 +171,19 @@ def test_find_overflow_reports_the_tensors_that_overflow_fp16(tmp_path):
     # never stores inf, so the check compares with the declared fp16 range; `y` is fp32.
     assert find_overflow(graph, [small, large]) == ["scaled", "scaled_twice"]
     stats = tensor_stats(graph, [small, large])
-    assert stats["x16"] == fp16.TensorStats(nonfinite=0, max_abs=300.0, limit=65504.0)
+    assert stats["x16"] == fp16.TensorStats(finite=True, max_abs=300.0, limit=65504.0)
     assert stats["scaled"].max_abs == 90000.0 and stats["scaled"].overflows
     assert not stats["y"].overflows
 
 
-def test_find_overflow_counts_inf_and_nan(tmp_path):
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_find_overflow_reports_inf_and_nan(tmp_path, bad):
     graph = _scaling_graph(tmp_path / "mul.onnx", 2.0)
-    feed = {"x": np.array([[np.inf, np.nan, 1.0, -1.0]], dtype=np.float32)}
-    stats = tensor_stats(graph, [feed])
-    assert stats["scaled"] == fp16.TensorStats(nonfinite=2, max_abs=2.0, limit=65504.0)
-    assert find_overflow(graph, [feed]) == ["x16", "scaled", "scaled_twice", "y"]
+    clean = {"x": np.array([[0.0, 3.0, 1.0, -1.0]], dtype=np.float32)}
+    feed = {"x": np.array([[bad, 3.0, 1.0, -1.0]], dtype=np.float32)}
+    assert find_overflow(graph, [clean]) == []
+    assert find_overflow(graph, [clean, feed]) == ["x16", "scaled", "scaled_twice", "y"]
+    assert not tensor_stats(graph, [feed])["scaled"].finite
 
 
 def test_tensor_stats_show_fp32_tensors_beyond_fp16_range(tmp_path):
