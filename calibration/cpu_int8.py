@@ -59,13 +59,25 @@ def weight_matmuls(path: Path) -> list[str]:
 
 
 class _FeedReader:
-    """onnxruntime CalibrationDataReader over a list of feeds."""
+    """onnxruntime CalibrationDataReader over a list of feeds, readable in ranges.
+
+    `set_range` lets quantize_static reduce each feed to tensor ranges before the next
+    ("CalibStridedMinMax"): holding every attention map of every feed took the full-size text
+    tower past 21 GB.
+    """
 
     def __init__(self, feeds: Sequence[dict[str, np.ndarray]]) -> None:
-        self._feeds = iter(feeds)
+        self._feeds = list(feeds)
+        self._pending = iter(self._feeds)
+
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._pending = iter(self._feeds[start_index:end_index])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._feeds, None)
+        return next(self._pending, None)
 
 
 def quantize_cpu(
@@ -124,8 +136,12 @@ def quantize_cpu(
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
         use_external_data_format=external,
-        # Float MatMul outputs: quantising them only adds error, the next op is float anyway.
-        extra_options={"MatMulConstBOnly": True, "OpTypesToExcludeOutputQuantization": ["MatMul"]},
+        extra_options={
+            "MatMulConstBOnly": True,
+            # Float MatMul outputs: quantising them only adds error, the next op is float anyway.
+            "OpTypesToExcludeOutputQuantization": ["MatMul"],
+            "CalibStridedMinMax": 1,
+        },
     )
     return dst
 
