@@ -200,3 +200,15 @@ def test_openvino_int8_weights_with_dynamic_activations(tiny_bundle, feeds, tmp_
     session = OpenVinoSession(dst, options, inference_precision="f32")
     output = np.concatenate([session.run(feed) for feed in feeds["vision"]])
     assert _min_cosine(output, _run(src, feeds["vision"])) >= 0.999  # measured 0.9996
+
+
+def test_calibration_reader_yields_single_rows_in_ranges():
+    feeds = [{"x": np.arange(6).reshape(3, 2)}, {"x": np.arange(4).reshape(2, 2) + 10}]
+    reader = cpu_int8._FeedReader(feeds)
+    assert len(reader) == 5
+    rows = [reader.get_next() for _ in range(5)]
+    assert all(row["x"].shape == (1, 2) for row in rows) and reader.get_next() is None
+    np.testing.assert_array_equal(np.concatenate([r["x"] for r in rows[3:]]), feeds[1]["x"])
+    reader.set_range(start_index=1, end_index=3)
+    assert [reader.get_next()["x"][0, 0] for _ in range(2)] == [2, 4]
+    assert reader.get_next() is None
