@@ -1,15 +1,19 @@
-"""int8 graphs for onnxruntime's CPU execution provider.
+"""int8 graphs for CPUs: onnxruntime's CPU execution provider and OpenVINO.
 
-Three forms, because they hit different CPU kernels:
+onnxruntime forms (`quantize_cpu`), because they hit different CPU kernels:
 
 - "dynamic": weights int8 per output channel, activations quantised per call
   (DynamicQuantizeLinear + MatMulInteger, fused by onnxruntime into DynamicQuantizeMatMul that
-  runs on VNNI/AMX); no calibration data needed. The word-embedding Gather is stored int8 too
-  (a quarter of the text tower's bytes, exact up to the per-table scale).
+  runs on VNNI/AMX); no calibration data needed. The word-embedding Gather is stored 8-bit too
+  (a quarter of the text tower's bytes).
 - "qdq_u8": static QDQ with uint8 activations and int8 weights on the weight MatMuls only.
   Signed int8 activations have no fast x86 kernel and softmax / attention MatMuls
   (activation x activation) lose accuracy and speed when quantised, so they stay float.
 - "qoperator": the same choice of nodes written as QLinearMatMul operators.
+
+OpenVINO form (`quantize_openvino`): NNCF post-training int8 saved as OpenVINO IR, with
+attention kept in the inference precision (bf16). On the full-size towers it is the fastest
+CPU path measured (`benchmarks/bench_cpu.py`).
 
 Every form keeps the graph's inputs and outputs, so the runtime loads it like the fp32 graph.
 """
@@ -209,21 +213,4 @@ def quantize_openvino(
     )
     dst.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(quantized, str(dst), compress_to_fp16=False)
-    return dst
-
-
-def compress_openvino(src: Path, dst: Path) -> Path:
-    """int8 weights (per channel, symmetric, data-free) for OpenVINO, saved as IR.
-
-    Run with the CPU property DYNAMIC_QUANTIZATION_GROUP_SIZE so that activations are
-    quantised per call, OpenVINO's analogue of onnxruntime's dynamic int8; attention and
-    elementwise ops keep the inference precision (bf16).
-    """
-    import nncf
-    import openvino as ov
-
-    model = ov.Core().read_model(str(src))
-    compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    ov.save_model(compressed, str(dst), compress_to_fp16=False)
     return dst

@@ -1,8 +1,9 @@
 """OpenVINO CPU backend: one compiled model per tower behind the `TowerSession` interface.
 
-Why: on x86 CPUs without an NVIDIA GPU OpenVINO runs the bundle's ONNX graphs in bf16 on AMX
-(Sapphire Rapids and later) with fused attention, and takes dynamic shapes without compiling
-per shape. OpenVINO is an optional extra, imported only when this backend is used.
+Why: on x86 CPUs without an NVIDIA GPU, OpenVINO runs the bundle's ONNX graphs in bf16 (AMX,
+or AVX512-BF16 as on AMD Zen 4) with fused attention, runs NNCF int8 IR graphs on VNNI/AMX,
+and takes dynamic shapes without compiling per shape. OpenVINO is an optional extra, imported
+only when this backend is used.
 """
 
 from __future__ import annotations

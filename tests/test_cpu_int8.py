@@ -179,29 +179,6 @@ def test_openvino_int8_keeps_cosine_and_float_attention(tiny_bundle, feeds, tmp_
     assert _min_cosine(output, _run(src, feeds[tower])) >= MIN_COSINE
 
 
-@needs_nncf
-def test_openvino_int8_weights_with_dynamic_activations(tiny_bundle, feeds, tmp_path):
-    import openvino as ov
-
-    from clipedge.backends import SessionOptions
-    from clipedge.openvino_backend import PROVIDER_KEY, OpenVinoSession
-
-    src = tiny_bundle / "vision.onnx"
-    dst = cpu_int8.compress_openvino(src, tmp_path / "vision.xml")
-    kinds = Counter(op.get_type_name() for op in ov.Core().read_model(str(dst)).get_ops())
-    assert "FakeQuantize" not in kinds  # data-free: no activation ranges
-    weights = [
-        c for c in ov.Core().read_model(str(dst)).get_ops() if c.get_type_name() == "Constant"
-    ]
-    assert any(c.get_element_type() == ov.Type.i8 for c in weights)
-    options = SessionOptions(
-        provider_options={PROVIDER_KEY: {"DYNAMIC_QUANTIZATION_GROUP_SIZE": "32"}}
-    )
-    session = OpenVinoSession(dst, options, inference_precision="f32")
-    output = np.concatenate([session.run(feed) for feed in feeds["vision"]])
-    assert _min_cosine(output, _run(src, feeds["vision"])) >= 0.999  # measured 0.9996
-
-
 def test_calibration_reader_yields_single_rows_in_ranges():
     feeds = [{"x": np.arange(6).reshape(3, 2)}, {"x": np.arange(4).reshape(2, 2) + 10}]
     reader = cpu_int8._FeedReader(feeds)
