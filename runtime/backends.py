@@ -19,7 +19,8 @@ from .manifest import BundleError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "cpu", "cuda", "tensorrt")
+BACKENDS = ("auto", "cpu", "cuda", "tensorrt", "openvino")
+OPENVINO = "OpenVINO"  # pseudo-provider name: sessions come from openvino_backend
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 OPT_LEVELS = {"disable": 0, "basic": 1, "extended": 2, "all": 99}
 
@@ -48,6 +49,8 @@ class SessionOptions:
 
 def resolve_providers(backend: str) -> list[str]:
     """onnxruntime providers for a backend name, best first; warns when one is missing."""
+    if backend == OPENVINO.lower():
+        return [OPENVINO]
     import onnxruntime as ort
 
     available = set(ort.get_available_providers())
@@ -152,5 +155,7 @@ class OrtSession:
 
 
 def device_kind(providers: list[str]) -> str:
-    """Device class of the first provider: "gpu" (TensorRT/CUDA) or "cpu"."""
+    """Device class of the first provider: "gpu" (TensorRT/CUDA), "openvino" or "cpu"."""
+    if providers[0] == OPENVINO:
+        return "openvino"
     return "gpu" if providers[0] in GPU_PROVIDERS else "cpu"

@@ -79,6 +79,7 @@ class ClipEdgeModel:
         verify_checksums: bool = False,
         trt_max_batch: int = 32,
         trt_max_length: int = 512,
+        openvino_precision: str = "bf16",
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.manifest: Manifest = read_manifest(self.bundle_dir)
@@ -102,6 +103,7 @@ class ClipEdgeModel:
             opt_length=min(128, trt_max_length),
         )
         self._uses_tensorrt = self.providers[0] == "TensorrtExecutionProvider"
+        self.openvino_precision = openvino_precision
         self._check_files(verify_checksums)
         self._sessions: dict[str, TowerSession] = {}
         self._lock = threading.Lock()
@@ -187,12 +189,7 @@ class ClipEdgeModel:
             if tower_name not in self._sessions:
                 tower = self._tower(tower_name)
                 graph = self.bundle_dir / tower.graphs[self.precisions[tower_name]].file
-                self._sessions[tower_name] = OrtSession(
-                    graph,
-                    self.providers,
-                    self._options,
-                    tower_profile(tower_name, tower, self.trt_limits),
-                )
+                self._sessions[tower_name] = self._make_session(tower_name, tower, graph)
                 log.info(
                     "%s tower: %s on %s",
                     tower_name,
@@ -200,6 +197,14 @@ class ClipEdgeModel:
                     self._sessions[tower_name].provider,
                 )
             return self._sessions[tower_name]
+
+    def _make_session(self, tower_name: str, tower: TowerManifest, graph: Path) -> TowerSession:
+        if self.device == "openvino":
+            from .openvino_backend import OpenVinoSession
+
+            return OpenVinoSession(graph, self._options, self.openvino_precision)
+        profile = tower_profile(tower_name, tower, self.trt_limits)
+        return OrtSession(graph, self.providers, self._options, profile)
 
     def _check_truncate_dim(self, truncate_dim: int | None) -> None:
         """Validate before any inference runs, so a bad value costs nothing."""

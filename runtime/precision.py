@@ -12,7 +12,12 @@ import warnings
 
 from .manifest import BundleError, GraphEntry
 
-PREFERENCE = {"gpu": ("int8", "fp16", "fp32"), "cpu": ("int8-cpu", "fp32")}
+# OpenVINO reads the fp32 graph and runs it in bf16 (or f32) itself.
+PREFERENCE = {
+    "gpu": ("int8", "fp16", "fp32"),
+    "cpu": ("int8-cpu", "fp32"),
+    "openvino": ("fp32",),
+}
 
 
 def choose_precision(

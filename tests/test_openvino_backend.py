@@ -139,3 +139,16 @@ def test_unreadable_graph_is_a_bundle_error(tmp_path):
     graph.write_bytes(b"not a graph")
     with pytest.raises(BundleError, match="cannot load"):
         OpenVinoSession(graph)
+
+
+@NEEDS_OPENVINO
+def test_load_with_openvino_backend_matches_official(tiny_bundle, reference):
+    import clipedge
+
+    from conftest import expected
+
+    model = clipedge.load(tiny_bundle, backend="openvino", openvino_precision="f32")
+    assert model.precisions == {"text": "fp32", "vision": "fp32"}
+    out = model.encode_text(reference["texts"])
+    assert np.abs(out - expected("text_default_norm.npy")).max() <= 1e-4
+    assert model.session("text").provider.startswith("OpenVINO")
