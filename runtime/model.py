@@ -50,14 +50,12 @@ def _check_batch_size(batch_size: int) -> None:
 
 
 def _progress(total: int, enabled: bool | None, desc: str):
-    """A tqdm bar when asked for (None: when logging is at INFO or more verbose)."""
-    if enabled is None:
-        enabled = log.getEffectiveLevel() <= logging.INFO
-    if not enabled:
-        return None
+    """A tqdm bar, shown when asked for (None: when logging is at INFO or more verbose)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="item")
+    if enabled is None:
+        enabled = log.getEffectiveLevel() <= logging.INFO
+    return tqdm(total=total, desc=desc, unit="item", disable=not enabled)
 
 
 class ClipEdgeModel:
@@ -257,15 +255,13 @@ class ClipEdgeModel:
         token_rows = self.tokenizer.tokenize(texts, max_length)
         session = self.session("text")
         result = np.empty((len(texts), self.manifest.embed_dim), dtype=np.float32)
-        bar = _progress(len(texts), show_progress_bar, "encode_text")
-        for indices in length_sorted_batches([len(r) for r in token_rows], batch_size):
-            input_ids, mask = self.tokenizer.pad([token_rows[i] for i in indices])
-            output = session.run({"input_ids": input_ids, "attention_mask": mask})
-            result[indices] = self._pool("text", output, mask)
-            if bar is not None:
+        batches = length_sorted_batches([len(r) for r in token_rows], batch_size)
+        with _progress(len(texts), show_progress_bar, "encode_text") as bar:
+            for indices in batches:
+                input_ids, mask = self.tokenizer.pad([token_rows[i] for i in indices])
+                output = session.run({"input_ids": input_ids, "attention_mask": mask})
+                result[indices] = self._pool("text", output, mask)
                 bar.update(len(indices))
-        if bar is not None:
-            bar.close()
         embeddings = truncate_and_normalize(result, truncate_dim, normalize_embeddings)
         return embeddings[0] if single else embeddings
 
@@ -294,14 +290,11 @@ class ClipEdgeModel:
         self._check_truncate_dim(truncate_dim)
         session = self.session("vision")
         result = np.empty((len(items), self.manifest.embed_dim), dtype=np.float32)
-        bar = _progress(len(items), show_progress_bar, "encode_image")
-        for start, pixels in self._preprocessed_batches(items, batch_size):
-            output = session.run({"pixel_values": pixels})
-            result[start : start + len(pixels)] = self._pool("vision", output, None)
-            if bar is not None:
+        with _progress(len(items), show_progress_bar, "encode_image") as bar:
+            for start, pixels in self._preprocessed_batches(items, batch_size):
+                output = session.run({"pixel_values": pixels})
+                result[start : start + len(pixels)] = self._pool("vision", output, None)
                 bar.update(len(pixels))
-        if bar is not None:
-            bar.close()
         embeddings = truncate_and_normalize(result, truncate_dim, normalize_embeddings)
         return embeddings[0] if single else embeddings
 
