@@ -195,6 +195,8 @@ class Timing:
             "max_ms": round(max(self.runs_ms), 2),
             "n": self.n,
             "runs_ms": [round(x, 2) for x in self.runs_ms],
+            # Own CPU time per run: robust to other processes at 1 thread (no spinning pools).
+            "cpu_median_ms": round(statistics.median(self.own_cpu_ms), 2),
             # CPU time of this process per wall second and thread (1.0 = both threads busy).
             "own_cpu_per_thread": round(own / wall / threads, 3),
             # CPUs' worth of time other processes used meanwhile (0 on an idle machine);
@@ -227,9 +229,9 @@ def wait_for_quiet(
     waited and the last measured foreign load."""
     start = time.perf_counter()
     while True:
-        busy0 = _busy_ms()
+        busy0, t0 = _busy_ms(), time.perf_counter()
         time.sleep(window_s)
-        foreign = (_busy_ms() - busy0) / (window_s * 1e3)
+        foreign = (_busy_ms() - busy0) / ((time.perf_counter() - t0) * 1e3)
         waited = time.perf_counter() - start
         if foreign < max_foreign_cpus or waited >= max_wait_s:
             if foreign >= max_foreign_cpus:
@@ -687,8 +689,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             f"### fp32 inference, {results['threads']} threads",
             "",
-            "| case | eager ms (n) | onnx ms (n) | eager/onnx | cosine | foreign CPUs e/o |",
-            "|---|---|---|---|---|---|",
+            "| case | eager ms (n) | onnx ms (n) | eager/onnx | cosine | foreign CPUs e/o "
+            "| CPU-time eager/onnx |",
+            "|---|---|---|---|---|---|---|",
         ]
         for tower in inference.values():
             for name, case in tower["cases"].items():
@@ -697,7 +700,8 @@ def markdown(results: dict[str, Any]) -> str:
                     f"| {name} | {e['median_ms']:.1f} ({e['n']}) | {o['median_ms']:.1f} "
                     f"({o['n']}) | {case['ratio_eager_over_onnx']:.2f}x | "
                     f"{case['cosine_eager_vs_onnx']:.6f} | "
-                    f"{_cpus(e['foreign_cpus'])}/{_cpus(o['foreign_cpus'])} |"
+                    f"{_cpus(e['foreign_cpus'])}/{_cpus(o['foreign_cpus'])} | "
+                    f"{e['cpu_median_ms'] / o['cpu_median_ms']:.2f}x |"
                 )
         for tower in inference.values():
             for name, prof in tower["profiles"].items():
