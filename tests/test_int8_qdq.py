@@ -9,6 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import CalibrationMethod, create_calibrator, load_tensors_data
 
 import clipedge
 from clipedge.calibration.data import CalibrationSet, tower_feeds
@@ -18,6 +19,7 @@ from clipedge.calibration.int8_qdq import (
     attention_matmuls,
     quantize_embedding_rows,
     quantize_qdq,
+    save_max_ranges,
 )
 from clipedge.calibration.report import cosine_stats, cpu_session, graph_bytes, pooled_embeddings
 
@@ -225,3 +227,21 @@ def test_feed_reader_yields_single_rows_and_honours_ranges():
 def test_unknown_method_is_refused(tiny_bundle, tmp_path):
     with pytest.raises(ValueError, match="method must be one of"):
         quantize_qdq(tiny_bundle / "vision.onnx", tmp_path / "q.onnx", [], method="kl")
+
+
+def test_max_ranges_equal_onnxruntime_minmax_calibrator(tiny_bundle, feeds, tmp_path):
+    """The memory-flat "max" calibration gives onnxruntime's MinMax ranges."""
+    src = tiny_bundle / "vision.onnx"
+    ours = load_tensors_data(save_max_ranges(src, feeds["vision", False], tmp_path / "r.json"))
+    calibrator = create_calibrator(
+        src,
+        ["MatMul", "Conv"],
+        augmented_model_path=str(tmp_path / "augmented.onnx"),
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"symmetric": True},
+    )
+    calibrator.collect_data(FeedReader(feeds["vision", False]))
+    theirs = calibrator.compute_data()
+    assert len(theirs.data) > 20
+    for name, data in theirs.data.items():
+        np.testing.assert_allclose(ours[name].range_value, data.range_value, rtol=1e-6)
