@@ -23,9 +23,10 @@ Calibration methods are onnxruntime's: "max" (MinMax), "entropy" and "percentile
 (histograms). Measured on the full-size random towers (8 images / 16 texts with their query
 forms calibrating, 6 images / 24 texts held out, min cosine): text 0.99897 / 0.87589 /
 0.99844, vision 0.98754 / 0.98829 / 0.99108. onnxruntime's entropy uses 128 bins, which is
-too coarse here; the histogram methods also hold every calibrated tensor of one sample at
-once (~9 GB for a full-size 512 px image: peak RSS ~21 GB), so prefer "max" where memory is
-short and let the block fallback search make up its accuracy.
+too coarse here. The histogram methods hold every calibrated tensor of one sample at once
+(~9 GB for a full-size 512 px image: peak RSS ~21 GB); "max" runs through `tensor_stats`
+(`save_max_ranges`: peak 7.3 GB), so prefer it where memory is short and let the block
+fallback search make up its accuracy.
 
 The text tower's word embedding (250002 x 1024, ~1 GB, 46% of the fp32 text graph) is not a
 MatMul weight; `quantize_embedding_rows` stores it as int8 rows with one fp32 scale per row,
