@@ -1,0 +1,177 @@
+"""The arithmetic floor of this CPU for each benchmark case: matrix work / peak matrix rate.
+
+Why: the speed goals were set on a CPU with AMX (4 int8 TOPS measured there); on another CPU
+the same graph has another floor. This measures the peak rate of the GEMM kernels the fast
+paths use, on this machine and thread count, and counts the multiply-adds of every
+MatMul/Gemm/Conv of the bundle's graphs at each case's shapes, so a measured time can be read
+as a fraction of what this machine can do at all.
+
+- int8 peak: onnxruntime `MatMulInteger` (u8 x s8), the MLAS kernel behind dynamic int8
+  (VNNI / AMX where present). OpenVINO's int8 kernels use the same instructions.
+- fp32 peak: onnxruntime `MatMul` fp32.
+
+    .venv/bin/python benchmarks/bench_floor.py --bundle /tmp/clipedge-bench/work/bundle \
+        --out /tmp/clipedge-bench/floor.json [--measured /tmp/clipedge-bench/cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+CASES = {  # case -> (tower, input shapes)
+    "image_1x512px": ("vision", {"pixel_values": [1, 3, 512, 512]}),
+    "text_8x32": ("text", {"input_ids": [8, 32], "attention_mask": [8, 32]}),
+    "text_1x512": ("text", {"input_ids": [1, 512], "attention_mask": [1, 512]}),
+}
+GEMM_SIZE = 2048
+
+
+def _gemm_model(kind: str, n: int) -> bytes:
+    """A graph of one n x n x n product: MatMulInteger (u8 x s8) or fp32 MatMul."""
+    if kind == "int8":
+        a = helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])
+        b = helper.make_tensor_value_info("b", TensorProto.INT8, [n, n])
+        y = helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])
+        node = helper.make_node("MatMulInteger", ["a", "b"], ["y"])
+    else:
+        a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])
+        b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])
+        node = helper.make_node("MatMul", ["a", "b"], ["y"])
+    graph = helper.make_graph([node], "gemm", [a, b], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+
+
+def peak_ops_per_s(kind: str, threads: int, n: int = GEMM_SIZE, runs: int = 10) -> float:
+    """Best-of-`runs` multiply-add rate x 2 (ops/s) of one n^3 product."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(
+        _gemm_model(kind, n), options, providers=["CPUExecutionProvider"]
+    )
+    rng = np.random.default_rng(0)
+    if kind == "int8":
+        feeds = {
+            "a": rng.integers(0, 255, (n, n), dtype=np.uint8),
+            "b": rng.integers(-127, 127, (n, n), dtype=np.int8),
+        }
+    else:
+        feeds = {name: rng.standard_normal((n, n), dtype=np.float32) for name in ("a", "b")}
+    session.run(None, feeds)
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def _static_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    for graph_input in model.graph.input:
+        dims = graph_input.type.tensor_type.shape.dim
+        for dim, value in zip(dims, shapes[graph_input.name], strict=True):
+            dim.ClearField("dim_param")
+            dim.dim_value = value
+    return onnx.shape_inference.infer_shapes(model, data_prop=True)
+
+
+def matrix_macs(graph: Path, shapes: dict[str, list[int]]) -> dict[str, int]:
+    """Multiply-adds of MatMul/Gemm/Conv at these input shapes: weight x activation apart
+    from activation x activation (attention), which int8 paths usually keep in float."""
+    model = _static_shapes(onnx.load(str(graph), load_external_data=False), shapes)
+    known = {
+        v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
+    }
+    known |= {init.name: list(init.dims) for init in model.graph.initializer}
+    constants = {init.name for init in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    totals = {"weight": 0, "activation": 0}
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "Conv"):
+            continue
+        out = known.get(node.output[0])
+        first, second = known.get(node.input[0]), known.get(node.input[1])
+        if not out or not first or not second or 0 in out:
+            raise ValueError(f"no static shape for {node.name} ({node.op_type})")
+        if node.op_type == "Conv":  # out [N, C_out, H, W]; weight [C_out, C_in, kH, kW]
+            macs = int(np.prod(out)) * int(np.prod(second[1:]))
+        else:
+            macs = int(np.prod(out)) * first[-1]
+        kind = "weight" if node.input[1] in constants else "activation"
+        totals[kind] += macs
+    return totals
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--measured", type=Path, help="bench_cpu.py JSON to set against")
+    args = parser.parse_args()
+
+    peaks = {kind: peak_ops_per_s(kind, args.threads) for kind in ("int8", "fp32")}
+    print(
+        f"peak ({args.threads} threads, {GEMM_SIZE}^3): int8 {peaks['int8'] / 1e12:.3f} TOPS, "
+        f"fp32 {peaks['fp32'] / 1e12:.3f} TFLOP/s"
+    )
+    measured = json.loads(args.measured.read_text()) if args.measured else None
+    rows = {}
+    for case, (tower, shapes) in CASES.items():
+        macs = matrix_macs(args.bundle / f"{tower}.onnx", shapes)
+        ops = 2 * (macs["weight"] + macs["activation"])
+        row = {
+            "gops_weight": 2 * macs["weight"] / 1e9,
+            "gops_attention": 2 * macs["activation"] / 1e9,
+            "floor_int8_s": ops / peaks["int8"],
+            "floor_fp32_s": ops / peaks["fp32"],
+        }
+        if measured:
+            row["best"] = _best_measured(measured, case)
+        rows[case] = row
+        print(
+            f"{case:<14} {ops / 1e9:8.1f} GOP ({2 * macs['activation'] / 1e9:.1f} attention)  "
+            f"floor int8 {row['floor_int8_s']:.3f} s  fp32 {row['floor_fp32_s']:.3f} s"
+            + (
+                f"  best {row['best']['engine']} {row['best']['s']:.3f} s = "
+                f"{row['floor_int8_s'] / row['best']['s']:.0%} of the int8 floor"
+                if row.get("best")
+                else ""
+            )
+        )
+    if args.out:
+        payload = {
+            "machine": platform.processor() or platform.machine(),
+            "threads": args.threads,
+            "peak_ops_per_s": peaks,
+            "cases": rows,
+        }
+        args.out.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _best_measured(measured: dict, case: str) -> dict | None:
+    """Fastest engine of a bench_cpu.py run for `case` that kept cosine >= 0.99."""
+    tower = CASES[case][0]
+    best = None
+    for engine, result in measured.get("engines", {}).items():
+        tower_result = result.get(tower) or {}
+        entry = tower_result.get("cases", {}).get(case)
+        if not entry or "median_ms" not in entry or tower_result.get("cosine_min", 0) < 0.99:
+            continue
+        if best is None or entry["median_ms"] / 1000 < best["s"]:
+            best = {"engine": engine, "s": entry["median_ms"] / 1000}
+    return best
+
+
+if __name__ == "__main__":
+    main()
