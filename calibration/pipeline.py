@@ -31,6 +31,7 @@ from .report import (
     pooled_embeddings,
     recall_at_k,
     timed_embeddings,
+    weights_file,
     write_report,
 )
 from .search import search_fallback
@@ -62,7 +63,7 @@ def _tower_precision(
 ) -> tuple[TowerAccuracy, np.ndarray]:
     spec = PRECISIONS[precision]
     convert = spec.make_converter(fp32_graph, calib_feeds, method)
-    destination = fp32_graph.with_name(f"{tower}.{precision}.onnx")
+    destination = fp32_graph.with_name(spec.graph_file(tower))
     fp32_blocks: list[str] = []
     if search:
         graph_model = onnx.load(str(fp32_graph), load_external_data=False)
@@ -116,6 +117,13 @@ def calibrate_bundle(
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:
         raise ValueError(f"unknown precision(s) {unknown}; choose from {sorted(PRECISIONS)}")
+    for precision in precisions:
+        missing = PRECISIONS[precision].missing_modules()
+        if missing:
+            raise ValueError(
+                f"precision {precision} needs {', '.join(missing)}: "
+                f"{PRECISIONS[precision].install_hint}"
+            )
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     model = clipedge.load(bundle_dir, backend="cpu", precision="fp32")
@@ -154,19 +162,20 @@ def calibrate_bundle(
             )
             results.append(accuracy)
             held_embeddings[(tower, precision)] = embeddings
-            graph_file = f"{tower}.{precision}.onnx"
-            data_file = bundle_dir / f"{graph_file}.data"
+            spec = PRECISIONS[precision]
+            graph_file = spec.graph_file(tower)
+            data_file = weights_file(bundle_dir / graph_file)
             graphs[precision] = GraphEntry(
                 file=graph_file,
                 precision=precision,
                 external_data=data_file.name if data_file.exists() else None,
-                device=PRECISIONS[precision].device,
+                device=spec.device,
                 accuracy={
                     "cosine_mean": accuracy.cosine_mean,
                     "cosine_min": accuracy.cosine_min,
                     "target_cosine": target,
                     "passed": accuracy.passed,
-                    "method": method if PRECISIONS[precision].needs_calibration else None,
+                    "method": spec.method(method),
                     "fp32_blocks": accuracy.fp32_blocks,
                     "overflow": accuracy.overflow,
                 },

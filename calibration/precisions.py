@@ -4,10 +4,13 @@
 - `int8`: Q/DQ graph for TensorRT and GPU execution providers (calibrated activation scales,
   per-channel weights, embedding table int8 per row).
 - `int8-cpu`: the onnxruntime CPU int8 form that measured fastest at cosine >= 0.99 here.
+- `int8-ov`: NNCF int8 as OpenVINO IR (`.xml` + `.bin`), the fastest CPU path measured on
+  x86 (`benchmarks/bench_cpu.py`); needs the `nncf` extra to build and OpenVINO to run.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +21,35 @@ from .search import Converter
 
 @dataclass(frozen=True)
 class PrecisionSpec:
+    """How to build one precision and where its graph runs.
+
+    `device` is the manifest's device class ("gpu", "cpu" or "openvino"); `suffix` is the
+    graph file's (".onnx", or ".xml" for OpenVINO IR); `requires` names the modules the
+    converter imports, checked before any work starts.
+    """
+
     name: str
     device: str
     default_target: float
     needs_calibration: bool
     make_converter: Callable[[Path, Sequence[Feed], str], Converter]
+    suffix: str = ".onnx"
+    requires: tuple[str, ...] = ()
+    # Set when the converter has its own calibration scheme and ignores --calibration-method.
+    fixed_method: str | None = None
+    install_hint: str = "pip install 'clipedge[export]'"
+
+    def graph_file(self, tower: str) -> str:
+        return f"{tower}.{self.name}{self.suffix}"
+
+    def method(self, requested: str) -> str | None:
+        """The calibration method recorded in the manifest (None: no calibration data)."""
+        if not self.needs_calibration:
+            return None
+        return self.fixed_method or requested
+
+    def missing_modules(self) -> list[str]:
+        return [name for name in self.requires if importlib.util.find_spec(name) is None]
 
 
 def _fp16(src: Path, feeds: Sequence[Feed], method: str) -> Converter:
@@ -56,9 +83,30 @@ def _int8_cpu(src: Path, feeds: Sequence[Feed], method: str) -> Converter:
     return convert
 
 
+def _int8_openvino(src: Path, feeds: Sequence[Feed], method: str) -> Converter:
+    from .cpu_int8 import quantize_openvino
+
+    def convert(keep_float: Sequence[str], dst: Path) -> Path:
+        # OpenVINO keeps ONNX node names as friendly names, so block node lists apply as is.
+        return quantize_openvino(src, dst, list(feeds), exclude_nodes=keep_float)
+
+    return convert
+
+
 PRECISIONS = {
     "fp16": PrecisionSpec("fp16", "gpu", 0.999, False, _fp16),
     "int8": PrecisionSpec("int8", "gpu", 0.99, True, _int8_qdq),
     "int8-cpu": PrecisionSpec("int8-cpu", "cpu", 0.99, False, _int8_cpu),
+    "int8-ov": PrecisionSpec(
+        "int8-ov",
+        "openvino",
+        0.99,
+        True,
+        _int8_openvino,
+        suffix=".xml",
+        requires=("nncf", "openvino"),
+        fixed_method="nncf-transformer",
+        install_hint="pip install 'clipedge[export,nncf]'",
+    ),
 }
 CALIBRATION_METHODS = ("max", "entropy", "percentile")

@@ -110,14 +110,28 @@ def recall_at_k(
     }
 
 
+def weights_file(graph: Path) -> Path:
+    """Where a graph keeps its weights apart: ONNX external data, or OpenVINO IR's `.bin`."""
+    if graph.suffix == ".xml":
+        return graph.with_suffix(".bin")
+    return graph.with_name(graph.name + ".data")
+
+
 def graph_bytes(graph: Path) -> int:
-    """Size of a graph with its external data file, if any."""
-    data = graph.with_name(graph.name + ".data")
+    """Size of a graph with its weights file, if any."""
+    data = weights_file(graph)
     return graph.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def cpu_session(graph: Path, threads: int | None = None) -> OrtSession:
-    return OrtSession(graph, ["CPUExecutionProvider"], SessionOptions(threads=threads))
+def cpu_session(graph: Path, threads: int | None = None) -> TowerSession:
+    """A CPU session for a graph: onnxruntime for ONNX, OpenVINO (bf16, as the runtime
+    runs it) for OpenVINO IR."""
+    options = SessionOptions(threads=threads)
+    if graph.suffix == ".xml":
+        from clipedge.openvino_backend import OpenVinoSession
+
+        return OpenVinoSession(graph, options)
+    return OrtSession(graph, ["CPUExecutionProvider"], options)
 
 
 def write_report(bundle_dir: Path, entries: list[dict], retrieval: dict) -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import cosine_stats, cpu_session, pooled_embeddings
+from .report import cosine_stats, cpu_session, pooled_embeddings, weights_file
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,17 @@ def block_sensitivity(
     tower: str,
     feeds: Sequence[dict],
     reference: np.ndarray,
-    workdir: Path,
+    destination: Path,
 ) -> dict[str, float]:
-    """Drift (1 - min cosine) when only that block is converted."""
+    """Drift (1 - min cosine) when only that block is converted.
+
+    Each trial graph is written beside `destination` (same format) and removed after use.
+    """
     drift = {}
     for block in blocks:
         keep_float = [n for b, ns in blocks.items() if b != block for n in ns] + list(other_nodes)
-        graph = convert(keep_float, workdir / f"sensitivity-{block}.onnx")
+        trial = destination.with_name(f"sensitivity-{block}{destination.suffix}")
+        graph = convert(keep_float, trial)
         drift[block] = 1.0 - _min_cosine(graph, tower, feeds, reference)
         log.info("sensitivity %s %s: drift %.6f", tower, block, drift[block])
         _remove_graph(graph)
@@ -72,8 +76,9 @@ def search_fallback(
     best = _min_cosine(graph, tower, feeds, reference)
     if best >= target_cosine:
         return SearchResult(graph, best, [], {})
-    workdir = destination.parent
-    sensitivity = block_sensitivity(convert, blocks, other_nodes, tower, feeds, reference, workdir)
+    sensitivity = block_sensitivity(
+        convert, blocks, other_nodes, tower, feeds, reference, destination
+    )
     ranked = sorted(blocks, key=lambda b: -sensitivity[b])
 
     built = {"k": 0}
@@ -100,4 +105,4 @@ def search_fallback(
 
 def _remove_graph(graph: Path) -> None:
     graph.unlink(missing_ok=True)
-    graph.with_name(graph.name + ".data").unlink(missing_ok=True)
+    weights_file(graph).unlink(missing_ok=True)

@@ -47,8 +47,20 @@ class SessionOptions:
     provider_options: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
-def resolve_providers(backend: str) -> list[str]:
-    """onnxruntime providers for a backend name, best first; warns when one is missing."""
+def openvino_installed() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_providers(backend: str, openvino_graphs: bool = False) -> list[str]:
+    """onnxruntime providers for a backend name, best first; warns when one is missing.
+
+    `auto` takes TensorRT, then CUDA; without either it takes OpenVINO when the bundle has
+    OpenVINO int8 graphs (`openvino_graphs`) and OpenVINO is installed, else the CPU provider.
+    """
     if backend == OPENVINO.lower():
         return [OPENVINO]
     import onnxruntime as ort
@@ -64,10 +76,14 @@ def resolve_providers(backend: str) -> list[str]:
         ],
     }
     if backend == "auto":
-        for candidate in ("tensorrt", "cuda", "cpu"):
+        for candidate in ("tensorrt", "cuda"):
             if wanted[candidate][0] in available:
                 log.info("backend auto: using %s (available: %s)", candidate, sorted(available))
                 return wanted[candidate]
+        if openvino_graphs and openvino_installed():
+            log.info("backend auto: using openvino (the bundle has OpenVINO int8 graphs)")
+            return [OPENVINO]
+        return wanted["cpu"]
     if backend not in wanted:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     chosen = [p for p in wanted[backend] if p in available]

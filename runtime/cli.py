@@ -86,7 +86,8 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) 
         "--precisions",
         required=required,
         default=None,
-        help="comma list of fp16, int8 (Q/DQ for TensorRT/GPU), int8-cpu (onnxruntime CPU)",
+        help="comma list of fp16, int8 (Q/DQ for TensorRT/GPU), int8-cpu (onnxruntime CPU), "
+        "int8-ov (OpenVINO CPU; needs the nncf extra)",
     )
     group.add_argument("--calibration-images", help="images: DIR, GLOB or a .txt list of paths")
     group.add_argument("--calibration-texts", help="texts: .txt (one per line) or .jsonl (text)")

@@ -43,8 +43,9 @@ class GraphEntry:
     """One graph file of a tower at one precision.
 
     `device` says where the graph is meant to run fast: "any" (fp32), "gpu" (fp16 and Q/DQ
-    int8 for TensorRT / CUDA) or "cpu" (onnxruntime CPU int8). `accuracy` summarises the
-    calibration report (cosine to fp32, target, passed); None for the fp32 reference.
+    int8 for TensorRT / CUDA), "cpu" (onnxruntime CPU int8) or "openvino" (an OpenVINO IR
+    `.xml`, its weights in `external_data` `.bin`). `accuracy` summarises the calibration
+    report (cosine to fp32, target, passed); None for the fp32 reference.
     """
 
     file: str

@@ -31,7 +31,7 @@ from .images import (
 )
 from .manifest import BundleError, Manifest, TowerManifest, read_manifest, sha256_file
 from .postprocess import check_truncate_dim, cls_pool, mean_pool, truncate_and_normalize
-from .precision import choose_precision
+from .precision import choose_precision, prefers_openvino
 from .profiles import ProfileLimits, tower_profile
 from .tokenization import TextTokenizer, apply_instruction, check_max_length
 
@@ -82,7 +82,9 @@ class ClipEdgeModel:
         self.bundle_dir = Path(bundle_dir)
         self.manifest: Manifest = read_manifest(self.bundle_dir)
         self.backend = backend
-        self.providers = resolve_providers(backend)
+        self.providers = resolve_providers(
+            backend, prefers_openvino([t.graphs for t in self.manifest.towers.values()])
+        )
         self.device = device_kind(self.providers)
         # Per tower: the requested precision, or the fastest that passed on this device.
         self.precisions = {

@@ -3,7 +3,8 @@
 An export with calibration adds lower-precision graphs next to fp32, each with the device it
 is meant for and whether it met its accuracy target. Preference is fastest first per device
 class: on GPUs TensorRT/CUDA run Q/DQ int8 fastest, then fp16; on CPUs the onnxruntime int8
-graph beats fp32 (figures in the README).
+graph beats fp32, and under OpenVINO its own NNCF int8 IR beats everything (figures in the
+README).
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import warnings
 
 from .manifest import BundleError, GraphEntry
 
-# OpenVINO reads the fp32 graph and runs it in bf16 (or f32) itself.
+# OpenVINO runs its int8 IR, or reads the fp32 ONNX graph and runs it in bf16 (or f32).
 PREFERENCE = {
     "gpu": ("int8", "fp16", "fp32"),
     "cpu": ("int8-cpu", "fp32"),
-    "openvino": ("fp32",),
+    "openvino": ("int8-ov", "fp32"),
 }
+# Graphs only one backend can read at all (OpenVINO IR), by device class.
+EXCLUSIVE_DEVICES = {"openvino": "openvino"}
 
 
 def choose_precision(
@@ -30,6 +33,11 @@ def choose_precision(
                 f"bundle has no {requested} {tower} graph (available: {', '.join(graphs)})"
             )
         entry = graphs[requested]
+        if entry.device in EXCLUSIVE_DEVICES and device != entry.device:
+            raise BundleError(
+                f"the {tower} {requested} graph ({entry.file}) runs only with "
+                f"backend='{EXCLUSIVE_DEVICES[entry.device]}'"
+            )
         if not entry.passed:
             warnings.warn(
                 f"{tower} {requested} graph missed its accuracy target at export "
@@ -49,3 +57,11 @@ def choose_precision(
         if entry is not None and entry.passed and entry.device in ("any", device):
             return precision
     raise BundleError(f"bundle has no {tower} graph usable on {device} (has: {', '.join(graphs)})")
+
+
+def prefers_openvino(towers_graphs: list[dict[str, GraphEntry]]) -> bool:
+    """True when every tower has a passing OpenVINO int8 graph: then, on a machine without an
+    NVIDIA GPU, OpenVINO is the fastest backend for this bundle (if it is installed)."""
+    return bool(towers_graphs) and all(
+        "int8-ov" in graphs and graphs["int8-ov"].passed for graphs in towers_graphs
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -85,3 +87,12 @@ def test_profiles_follow_limits(tiny_bundle):
         limits.check(64)
     with pytest.raises(ValueError, match="opt_batch"):
         ProfileLimits(max_batch=2, opt_batch=4)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="auto takes a GPU provider before OpenVINO")
+def test_auto_takes_openvino_for_openvino_int8_bundles_when_installed(monkeypatch):
+    pytest.importorskip("openvino", reason="needs the optional openvino package")
+    assert resolve_providers("auto", openvino_graphs=True) == ["OpenVINO"]
+    assert resolve_providers("auto", openvino_graphs=False) == ["CPUExecutionProvider"]
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import fails as if not installed
+    assert resolve_providers("auto", openvino_graphs=True) == ["CPUExecutionProvider"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -159,3 +161,48 @@ def test_search_falls_back_the_most_sensitive_blocks(tiny_bundle, tmp_path):
     final = pooled_embeddings(cpu_session(result.graph), "vision", feeds)
     assert cosine_stats(reference, final)["cosine_min"] == pytest.approx(result.min_cosine)
     assert np.isfinite(final).all()
+
+
+needs_nncf = pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("nncf", "openvino")),
+    reason="the int8-ov precision needs the optional nncf and openvino packages",
+)
+
+
+@needs_nncf
+def test_openvino_int8_precision_end_to_end(bundle_copy, reference):
+    assert main(calibrate_args(bundle_copy, "--precisions", "int8-ov")) == 0
+    manifest = json.loads((bundle_copy / "clipedge.json").read_text())
+    for tower in ("text", "vision"):
+        entry = manifest["towers"][tower]["graphs"]["int8-ov"]
+        assert entry["file"] == f"{tower}.int8-ov.xml"
+        assert entry["external_data"] == f"{tower}.int8-ov.bin"
+        assert entry["device"] == "openvino" and entry["accuracy"]["passed"]
+        assert entry["accuracy"]["method"] == "nncf-transformer"
+        assert {entry["file"], entry["external_data"]} <= set(manifest["files"])
+    # With OpenVINO installed and no NVIDIA GPU, auto takes OpenVINO and its int8 graphs.
+    model = clipedge.load(bundle_copy)
+    assert model.providers == ["OpenVINO"]
+    assert model.precisions == {"text": "int8-ov", "vision": "int8-ov"}
+    fp32 = clipedge.load(bundle_copy, backend="cpu", precision="fp32")
+    a, b = model.encode_text(reference["texts"]), fp32.encode_text(reference["texts"])
+    assert (a * b).sum(1).min() >= 0.99
+    images = [FIXTURE / "expected" / name for name in reference["images"]]
+    a, b = model.encode_image(images), fp32.encode_image(images)
+    assert (a * b).sum(1).min() >= 0.99
+    # onnxruntime cannot read OpenVINO IR: asking for it names the backend that can.
+    assert clipedge.load(bundle_copy, backend="cpu").precisions["text"] == "fp32"
+    with pytest.raises(clipedge.BundleError, match="runs only with backend='openvino'"):
+        clipedge.load(bundle_copy, backend="cpu", precision="int8-ov")
+
+
+def test_precision_with_missing_package_fails_before_any_work(bundle_copy, monkeypatch, capsys):
+    from clipedge.calibration import precisions
+
+    spec = dataclasses.replace(precisions.PRECISIONS["int8-ov"], requires=("no_such_module_x",))
+    monkeypatch.setitem(precisions.PRECISIONS, "int8-ov", spec)
+    before = (bundle_copy / "clipedge.json").read_text()
+    assert main(calibrate_args(bundle_copy, "--precisions", "int8-ov")) == 1
+    err = capsys.readouterr().err
+    assert "int8-ov needs no_such_module_x" in err and "clipedge[export,nncf]" in err
+    assert (bundle_copy / "clipedge.json").read_text() == before

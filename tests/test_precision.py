@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from clipedge.manifest import BundleError, GraphEntry
-from clipedge.precision import choose_precision
+from clipedge.precision import choose_precision, prefers_openvino
 
 GRAPHS = {
     "fp32": GraphEntry("text.onnx", "fp32"),
@@ -32,3 +32,26 @@ def test_requested_precision_is_honoured_with_warnings():
 def test_missing_precision_lists_available():
     with pytest.raises(BundleError, match="no bf16 text graph.*fp32, fp16"):
         choose_precision("text", GRAPHS, "cpu", "bf16")
+
+
+OV = {
+    "fp32": GRAPHS["fp32"],
+    "int8-cpu": GRAPHS["int8-cpu"],
+    "int8-ov": GraphEntry("t.xml", "int8-ov", "t.bin", "openvino", {"passed": True}),
+}
+
+
+def test_openvino_ir_graphs_only_go_to_openvino():
+    assert choose_precision("text", OV, "openvino") == "int8-ov"
+    assert choose_precision("text", OV, "cpu") == "int8-cpu"
+    assert choose_precision("text", OV, "gpu") == "fp32"
+    with pytest.raises(BundleError, match="runs only with backend='openvino'"):
+        choose_precision("text", OV, "cpu", "int8-ov")
+
+
+def test_openvino_is_preferred_only_when_every_tower_has_a_passing_int8_ov_graph():
+    failed = {**OV, "int8-ov": GraphEntry("x.xml", "int8-ov", None, "openvino", {"passed": False})}
+    assert prefers_openvino([OV, OV])
+    assert not prefers_openvino([OV, GRAPHS])
+    assert not prefers_openvino([OV, failed])
+    assert not prefers_openvino([])
