@@ -6,6 +6,7 @@ CUDA or TensorRT execution providers) and the native TensorRT backend are interc
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
@@ -123,6 +124,21 @@ def tensorrt_provider_options(
     }
 
 
+@functools.cache
+def preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from the nvidia-* pip packages (or PyTorch's) before the first GPU
+    session, as the onnxruntime-gpu documentation advises: without it, a pip-only install
+    cannot find them and onnxruntime silently falls back to the CPU."""
+    import onnxruntime as ort
+
+    if not hasattr(ort, "preload_dlls"):  # onnxruntime < 1.21: system libraries only
+        return
+    try:
+        ort.preload_dlls()
+    except Exception as exc:  # best effort: the session's fallback warning still follows
+        log.warning("onnxruntime.preload_dlls() failed: %s", exc)
+
+
 class OrtSession:
     """An onnxruntime InferenceSession for one graph (thread-safe `run`)."""
 
@@ -132,7 +148,10 @@ class OrtSession:
         providers: list[str],
         options: SessionOptions,
         trt_shapes: dict[str, tuple[list[int], list[int], list[int]]] | None = None,
+        warn_on_fallback: bool = True,
     ) -> None:
+        """`warn_on_fallback=False` (backend "auto") logs instead of warning when the first
+        provider cannot start, e.g. onnxruntime-gpu lists TensorRT without its libraries."""
         import onnxruntime as ort
 
         if options.optimization not in OPT_LEVELS:
@@ -143,6 +162,8 @@ class OrtSession:
         )
         if options.threads is not None:
             session_options.intra_op_num_threads = options.threads
+        if providers[0] in GPU_PROVIDERS:
+            preload_cuda_libraries()
         provider_options = []
         for name in providers:
             extra = dict(options.provider_options.get(name, {}))
@@ -159,11 +180,13 @@ class OrtSession:
             raise BundleError(f"cannot load {graph}: {exc}") from exc
         self.provider = self._session.get_providers()[0]
         if self.provider != providers[0]:
-            warnings.warn(
-                f"{graph.name}: {providers[0]} failed to initialise, running on {self.provider}",
-                RuntimeWarning,
-                stacklevel=2,
+            message = (
+                f"{graph.name}: {providers[0]} failed to initialise, running on {self.provider}"
             )
+            if warn_on_fallback:
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+            else:
+                log.info(message)
         self.input_names = [i.name for i in self._session.get_inputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:

@@ -204,7 +204,9 @@ class ClipEdgeModel:
 
             return OpenVinoSession(graph, self._options, self.openvino_precision)
         profile = tower_profile(tower_name, tower, self.trt_limits)
-        return OrtSession(graph, self.providers, self._options, profile)
+        return OrtSession(
+            graph, self.providers, self._options, profile, warn_on_fallback=self.backend != "auto"
+        )
 
     def _check_truncate_dim(self, truncate_dim: int | None) -> None:
         """Validate before any inference runs, so a bad value costs nothing."""
