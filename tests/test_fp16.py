@@ -221,3 +221,20 @@ def test_large_graphs_are_saved_with_one_external_data_file(
     candidate = pooled_embeddings(cpu_session(dst), "text", feeds["text"])
     assert cosine_stats(reference, candidate)["cosine_min"] >= 0.999
     assert find_overflow(dst, feeds["text"][:1]) == []
+
+
+def test_repeated_node_names_are_made_unique():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="n"),
+        helper.make_node("Relu", ["a"], ["b"], name="n"),
+        helper.make_node("Relu", ["b"], ["c"], name="n_1"),
+        helper.make_node("Relu", ["c"], ["y"], name="n"),
+    ]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]))
+    assert fp16.unique_node_names(model) == 2
+    names = [node.name for node in model.graph.node]
+    assert len(set(names)) == 4 and names[:3] == ["n", "n_2", "n_1"]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": np.array([-1.0, 2.0][1:], np.float32)})[0] == 2.0
