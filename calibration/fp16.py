@@ -184,30 +184,30 @@ def convert_to_fp16(
         node_block_list=sorted(block_nodes),
     )
     remove_cast_round_trips(model)
-    unique_node_names(model)
+    drop_repeated_nodes(model)
     OnnxModel(model).topological_sort(is_deterministic=True)
     return save_model(model, Path(dst))
 
 
-def unique_node_names(model: onnx.ModelProto) -> int:
-    """Rename repeated node names (returns how many); onnxruntime refuses a graph with two.
+def drop_repeated_nodes(model: onnx.ModelProto) -> int:
+    """Remove nodes that repeat an earlier node exactly (returns how many).
 
-    The converter names each Cast after the tensor it reads (`<tensor>_cast_to_fp32_node`),
-    which can meet an exporter's own node of that name (seen with torch 2.11's exporter).
+    onnxruntime's converter before 1.32 inserts one `<tensor>_cast_to_fp32` Cast per fp32
+    consumer of an fp16 tensor, all with the same name and output, and onnxruntime then
+    refuses the graph ("Duplicate definition of name"). One of them is enough.
     """
-    seen: set[str] = {node.name for node in model.graph.node}
-    used: set[str] = set()
-    renamed = 0
+    seen: set[bytes] = set()
+    kept = []
     for node in model.graph.node:
-        if node.name in used:
-            suffix = 1
-            while f"{node.name}_{suffix}" in seen:
-                suffix += 1
-            node.name = f"{node.name}_{suffix}"
-            seen.add(node.name)
-            renamed += 1
-        used.add(node.name)
-    return renamed
+        key = node.SerializeToString(deterministic=True)
+        if key not in seen:
+            seen.add(key)
+            kept.append(node)
+    dropped = len(model.graph.node) - len(kept)
+    if dropped:
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+    return dropped
 
 
 # Largest finite value of each float type a tensor can be declared with.
