@@ -6,10 +6,12 @@
 - Q/DQ only on the *inputs* of MatMul/Gemm/Conv, never on their outputs, so TensorRT fuses
   each DQ -> GEMM (-> bias Add) into one int8 kernel; LayerNorm, Softmax and the residual
   Adds read and write float (`bypass_qdq_for_float_ops`);
-- both inputs of the attention MatMuls (q.k^T and softmax.v) are quantized, the pattern
-  TensorRT's fused int8 attention needs. Keeping them float (pass `attention_matmuls(model)`
-  as `exclude_nodes`) measured no better on the full-size random towers (held-out min
-  cosine: text 0.99898 vs 0.99897, vision 0.98745 vs 0.98754), a little on the tiny ones;
+- the attention MatMuls (q.k^T and softmax.v: two activations) stay float by default. With
+  int8 on both inputs (`attention_int8=True`, the pattern TensorRT's fused int8 attention
+  needs) short inputs were as good (full-size random towers, held-out captions: text 0.99897
+  vs 0.99898), but a 512-token text fell to cosine 0.98975 against 0.99996 float (tiny
+  tower): one per-tensor int8 scale for softmax probabilities spread over 512 keys rounds
+  most of them to zero. Found running the int8 graph on a GPU;
 - biases stay float (`QuantizeBias` off): TensorRT adds a float bias in the GEMM epilogue,
   and onnx-tensorrt documents DequantizeLinear for int8 inputs only (not int32 biases);
 - the pooling head after the last block (the text tower's masked-mean MatMul) stays float:
@@ -232,16 +234,19 @@ def quantize_qdq(
     method: str = "max",
     exclude_nodes: Iterable[str] = (),
     percentile: float = 99.99,
+    attention_int8: bool = False,
 ) -> Path:
     """Write an INT8 Q/DQ copy of `src` calibrated on `feeds` (graph inputs, batched).
 
     `exclude_nodes` stay float, embedding lookups included. `percentile` applies to the
-    "percentile" method only.
+    "percentile" method only; `attention_int8` quantizes attention's activation MatMuls too.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, not {method!r}")
     model = onnx.load(str(src))
     exclude = set(exclude_nodes)
+    if not attention_int8:
+        exclude.update(attention_matmuls(model))
     quantize_embedding_rows(model, exclude)
     exclude.update(head_nodes(model))
     with tempfile.TemporaryDirectory(prefix="clipedge-qdq-") as tmp:

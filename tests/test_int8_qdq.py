@@ -83,15 +83,14 @@ def test_qdq_follows_tensorrt_rules(quantized, tiny_bundle, tower):
         zero_point = weights[node.input[2]]
         assert zero_point.dtype == np.int8 and not zero_point.any(), node.name
 
-    head = set(head_nodes(onnx.load(str(tiny_bundle / f"{tower}.onnx"))))
-    weighted = [n for n in nodes if n.op_type in WEIGHTED and n.name not in head]
+    fp32 = onnx.load(str(tiny_bundle / f"{tower}.onnx"))
+    head, attention = set(head_nodes(fp32)), set(attention_matmuls(fp32))
+    weighted = [n for n in nodes if n.op_type in WEIGHTED and n.name not in head | attention]
     assert weighted
     for node in weighted:  # every input of every weighted op comes through Q/DQ
         dequant = [producer.get(name) for name in node.input[:2]]
         assert all(d is not None and d.op_type == "DequantizeLinear" for d in dequant), node.name
-        weight = next((d for d in dequant if d.input[0] in weights), None)
-        if weight is None:
-            continue  # attention: activation x activation
+        weight = next(d for d in dequant if d.input[0] in weights)
         values, scale = weights[weight.input[0]], weights[weight.input[1]]
         axis = _attr(weight, "axis")
         channel_axis = 0 if node.op_type == "Conv" else 1
@@ -106,21 +105,35 @@ def test_qdq_follows_tensorrt_rules(quantized, tiny_bundle, tower):
         if node.op_type in WEIGHTED:  # outputs of weighted ops are not re-quantized
             readers = [n.op_type for n in nodes if node.output[0] in n.input]
             assert "QuantizeLinear" not in readers, node.name
-    for name in head:  # the pooling head stays float
+    for name in head | attention:  # the pooling head and attention stay float
         node = next(n for n in nodes if n.name == name)
         assert all(
             producer.get(i) is None or producer[i].op_type != "DequantizeLinear" for i in node.input
         )
 
 
-def test_attention_matmuls_get_qdq_on_both_inputs(quantized, tiny_bundle):
-    fp32 = onnx.load(str(tiny_bundle / "text.onnx"))
+def test_attention_int8_puts_qdq_on_both_attention_inputs(tiny_bundle, feeds, tmp_path):
+    src = tiny_bundle / "text.onnx"
+    fp32 = onnx.load(str(src))
     attention = [n for n in attention_matmuls(fp32) if n not in head_nodes(fp32)]
     assert len(attention) == 4  # q.k^T and softmax.v in each of the 2 layers
-    model = onnx.load(str(quantized["text"]))
+    dst = quantize_qdq(src, tmp_path / "q.onnx", feeds["text", False], attention_int8=True)
+    model = onnx.load(str(dst))
     producer = {o: n for n in model.graph.node for o in n.output}
     for node in (n for n in model.graph.node if n.name in attention):
         assert [producer[i].op_type for i in node.input] == ["DequantizeLinear"] * 2
+
+
+def test_long_text_keeps_cosine_with_float_attention(quantized, tiny_bundle, reference):
+    """int8 softmax probabilities over 512 keys drifted to cosine 0.98975 (0.99996 float)."""
+    model = clipedge.load(tiny_bundle, backend="cpu")
+    long_text = max(reference["texts"], key=len)
+    ids, mask = model.tokenizer.pad(model.tokenizer.tokenize([long_text], 512))
+    assert ids.shape[1] == 512
+    feed = [{"input_ids": ids, "attention_mask": mask}]
+    fp32 = pooled_embeddings(cpu_session(tiny_bundle / "text.onnx"), "text", feed)
+    int8 = pooled_embeddings(cpu_session(quantized["text"]), "text", feed)
+    assert cosine_stats(fp32, int8)["cosine_min"] >= 0.999
 
 
 @pytest.mark.parametrize("method", ["max", "entropy", "percentile"])
