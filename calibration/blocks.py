@@ -16,14 +16,26 @@ SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 BLOCK = re.compile(r"^(layers|blocks)\.(\d+)$")
 
 
-def block_of(node: onnx.NodeProto) -> str | None:
-    """`layers.N` / `blocks.N` for nodes inside a block, None for embeddings and heads."""
+def scopes_of(node: onnx.NodeProto) -> list[str]:
+    """The PyTorch module scopes the exporter recorded for a node, outermost first."""
     for prop in node.metadata_props:
         if prop.key == SCOPE_KEY:
-            for scope in ast.literal_eval(prop.value):
-                if BLOCK.match(scope):
-                    return scope
-    return None
+            return list(ast.literal_eval(prop.value))
+    return []
+
+
+def nodes_in_scope(model: onnx.ModelProto, suffix: str) -> list[str]:
+    """Names of the nodes inside any module whose scope ends with `suffix` (`mlp.w3`)."""
+    return [
+        node.name
+        for node in model.graph.node
+        if any(scope.endswith(suffix) for scope in scopes_of(node))
+    ]
+
+
+def block_of(node: onnx.NodeProto) -> str | None:
+    """`layers.N` / `blocks.N` for nodes inside a block, None for embeddings and heads."""
+    return next((scope for scope in scopes_of(node) if BLOCK.match(scope)), None)
 
 
 def nodes_by_block(model: onnx.ModelProto) -> dict[str, list[str]]:
