@@ -189,3 +189,25 @@ def test_calibration_reader_yields_single_rows_in_ranges():
     reader.set_range(start_index=1, end_index=3)
     assert [reader.get_next()["x"][0, 0] for _ in range(2)] == [2, 4]
     assert reader.get_next() is None
+
+
+@needs_nncf
+def test_openvino_converter_keeps_the_named_onnx_nodes_float(tiny_bundle, feeds, tmp_path):
+    """The block search names ONNX nodes; OpenVINO must honour them (its friendly names)."""
+    import openvino as ov
+
+    from clipedge.calibration.blocks import nodes_by_block
+    from clipedge.calibration.precisions import PRECISIONS
+
+    src = tiny_bundle / "vision.onnx"
+    block = nodes_by_block(onnx.load(str(src)))["blocks.0"]
+    convert = PRECISIONS["int8-ov"].make_converter(src, feeds["vision"], "max")
+    model = ov.Core().read_model(str(convert(block, tmp_path / "v.xml")))
+    fake_quantized = {
+        op.get_friendly_name()
+        for op in model.get_ops()
+        if op.get_type_name() == "MatMul"
+        and op.input_value(0).get_node().get_type_name() == "FakeQuantize"
+    }
+    assert fake_quantized, "the other block is int8"
+    assert not fake_quantized & set(block)
