@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from clipedge.images import ImageInputError, load_image
 from clipedge.model import ClipEdgeModel
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 Feed = dict[str, np.ndarray]
@@ -83,6 +87,27 @@ def sample(items: Sequence, limit: int | None, seed: int) -> list:
     return chosen if limit is None else chosen[:limit]
 
 
+def readable_images(paths: Sequence[Path], limit: int | None) -> list[Path]:
+    """The first `limit` of `paths` that the runtime's image loader decodes.
+
+    Each file it cannot decode is named in a warning and skipped, so one bad file in a photo
+    folder does not stop an export halfway; checked before any tower is converted.
+    """
+    readable: list[Path] = []
+    for path in paths:
+        if limit is not None and len(readable) == limit:
+            break
+        try:
+            load_image(path, len(readable))
+        except ImageInputError as exc:
+            log.warning("skipping calibration image %s: %s", path, exc.reason)
+            continue
+        readable.append(path)
+    if not readable:
+        raise CalibrationDataError("none of the calibration images could be decoded")
+    return readable
+
+
 def split_held_out(items: Sequence, held_out_fraction: float) -> tuple[list, list]:
     """Calibrate on the first part, report accuracy on the rest (never seen by calibration)."""
     if len(items) < 2:
@@ -109,7 +134,11 @@ class CalibrationSet:
         held_out_fraction: float = 0.25,
         seed: int = 0,
     ) -> CalibrationSet:
-        image_paths = sample(find_images(images), limit, seed) if images is not None else []
+        image_paths = (
+            readable_images(sample(find_images(images), None, seed), limit)
+            if images is not None
+            else []
+        )
         text_items = sample(read_texts(texts), limit, seed) if texts is not None else []
         calib_images, held_images = (
             split_held_out(image_paths, held_out_fraction) if image_paths else ([], [])

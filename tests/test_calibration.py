@@ -222,3 +222,18 @@ def test_precision_with_missing_package_fails_before_any_work(bundle_copy, monke
     err = capsys.readouterr().err
     assert "int8-ov needs no_such_module_x" in err and "clipedge[export,nncf]" in err
     assert (bundle_copy / "clipedge.json").read_text() == before
+
+
+def test_undecodable_images_are_named_and_skipped(tmp_path, caplog):
+    photos = sorted(PHOTOS.glob("*.png"))[:3]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(str(p) for p in [broken, *photos]) + "\n")
+    calibration = CalibrationSet.from_sources(listing, None, limit=None)
+    assert sorted(calibration.images + calibration.held_out_images) == photos
+    assert "skipping calibration image" in caplog.text and str(broken) in caplog.text
+    broken_only = tmp_path / "only.txt"
+    broken_only.write_text(f"{broken}\n")
+    with pytest.raises(CalibrationDataError, match="none of the calibration images"):
+        CalibrationSet.from_sources(broken_only, None)
