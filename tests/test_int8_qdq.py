@@ -258,3 +258,28 @@ def test_max_ranges_equal_onnxruntime_minmax_calibrator(tiny_bundle, feeds, tmp_
     assert len(theirs.data) > 20
     for name, data in theirs.data.items():
         np.testing.assert_allclose(ours[name].range_value, data.range_value, rtol=1e-6)
+
+
+def test_weight_only_nodes_keep_int8_weights_and_read_float(tiny_bundle, feeds, tmp_path):
+    from clipedge.calibration.blocks import nodes_in_scope
+
+    src = tiny_bundle / "vision.onnx"
+    fp32 = onnx.load(str(src))
+    w3 = [n.name for n in fp32.graph.node if n.op_type == "MatMul"]
+    w3 = [name for name in w3 if name in set(nodes_in_scope(fp32, "mlp.w3"))]
+    assert len(w3) == 2  # one per block
+    dst = quantize_qdq(src, tmp_path / "q.onnx", feeds["vision", False], weight_only_nodes=w3)
+    model = onnx.load(str(dst))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in (n for n in model.graph.node if n.name in w3):
+        assert producer[node.input[0]].op_type != "DequantizeLinear"  # float activation
+        dequant = producer[node.input[1]]
+        assert dequant.op_type == "DequantizeLinear"
+        assert weights[dequant.input[0]].dtype == np.int8  # int8 weight, per channel
+    read = {name for n in model.graph.node for name in n.input} | {"image_embeds"}
+    assert all(any(o in read for o in n.output) for n in model.graph.node), "dead Q/DQ left"
+    held = feeds["vision", True]
+    reference = pooled_embeddings(cpu_session(src), "vision", held)
+    candidate = pooled_embeddings(cpu_session(dst), "vision", held)
+    assert cosine_stats(reference, candidate)["cosine_min"] >= 0.99
