@@ -19,8 +19,6 @@ PREFERENCE = {
     "cpu": ("int8-cpu", "fp32"),
     "openvino": ("int8-ov", "fp32"),
 }
-# Graphs only one backend can read at all (OpenVINO IR), by device class.
-EXCLUSIVE_DEVICES = {"openvino": "openvino"}
 
 
 def choose_precision(
@@ -33,10 +31,9 @@ def choose_precision(
                 f"bundle has no {requested} {tower} graph (available: {', '.join(graphs)})"
             )
         entry = graphs[requested]
-        if entry.device in EXCLUSIVE_DEVICES and device != entry.device:
+        if entry.device == "openvino" and device != "openvino":  # OpenVINO IR, not ONNX
             raise BundleError(
-                f"the {tower} {requested} graph ({entry.file}) runs only with "
-                f"backend='{EXCLUSIVE_DEVICES[entry.device]}'"
+                f"the {tower} {requested} graph ({entry.file}) runs only with backend='openvino'"
             )
         if not entry.passed:
             warnings.warn(
