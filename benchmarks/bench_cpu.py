@@ -53,7 +53,7 @@ ENGINES = {  # run in this order (the reference first), so a cut-short run has t
     "ort-fp32": "onnxruntime CPU EP, fp32 graph (reference)",
     "ov-bf16": "OpenVINO CPU, bf16 inference precision, fp32 ONNX read directly",
     "ort-dynamic-int8": "onnxruntime, dynamic int8 (MatMul + embedding Gather, per channel)",
-    "ov-int8": "OpenVINO CPU, NNCF int8 (attention and vision mlp.w3 MatMuls bf16) + bf16",
+    "ov-int8": "OpenVINO CPU, NNCF int8 (attention bf16, vision mlp.w3 bf16 inputs) + bf16",
     "torch-compile-bf16": "PyTorch torch.compile (inductor, freezing) + bf16 autocast",
     "ort-qdq-u8": "onnxruntime, static QDQ u8 activations on weight MatMuls",
     "ort-qoperator-u8": "onnxruntime, static QOperator (QLinearMatMul) on weight MatMuls",

@@ -189,6 +189,7 @@ def quantize_openvino(
     exclude_nodes: Iterable[str] = (),
     smooth_quant_alpha: float = -1.0,
     attention_int8: bool = False,
+    weight_only_nodes: Iterable[str] = (),
 ) -> Path:
     """NNCF post-training int8 of an fp32 graph for OpenVINO, saved as IR (`dst` ends in .xml).
 
@@ -201,7 +202,9 @@ def quantize_openvino(
     import openvino as ov
 
     model = ov.Core().read_model(str(src))
-    ignored = list(exclude_nodes)
+    exclude = list(exclude_nodes)
+    weight_only = set(weight_only_nodes) - set(exclude)
+    ignored = [*exclude, *weight_only]
     if not attention_int8:
         ignored += activation_matmuls(model)
     advanced = nncf.AdvancedQuantizationParameters(
@@ -216,6 +219,17 @@ def quantize_openvino(
         ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
         advanced_parameters=advanced,
     )
+    if weight_only:
+        others = [
+            op.get_friendly_name()
+            for op in quantized.get_ordered_ops()
+            if op.get_type_name() == "MatMul" and op.get_friendly_name() not in weight_only
+        ]
+        quantized = nncf.compress_weights(
+            quantized,
+            mode=nncf.CompressWeightsMode.INT8_SYM,
+            ignored_scope=nncf.IgnoredScope(names=others, validate=False),
+        )
     dst.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(quantized, str(dst), compress_to_fp16=False)
     return dst
