@@ -33,21 +33,11 @@ from typing import Any
 import numpy as np
 import onnx
 
+from .report import graph_bytes
+
 MODES = ("dynamic", "qdq_u8", "qoperator")
 # onnx protobufs cannot exceed 2 GB: larger graphs keep their weights in `<name>.data`.
 EXTERNAL_DATA_BYTES = 1_800_000_000
-
-
-def _graph_bytes(path: Path) -> int:
-    """The graph file plus the external weight files next to it."""
-    model = onnx.load(str(path), load_external_data=False)
-    locations = {
-        entry.value
-        for tensor in model.graph.initializer
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
-    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations)
 
 
 def weight_matmuls(path: Path) -> list[str]:
@@ -123,7 +113,7 @@ def quantize_cpu(
         raise ValueError("dst must differ from src: the fp32 graph is the accuracy reference")
     dst.parent.mkdir(parents=True, exist_ok=True)
     excluded = list(exclude_nodes)
-    external = _graph_bytes(src) > EXTERNAL_DATA_BYTES
+    external = graph_bytes(src) > EXTERNAL_DATA_BYTES
     if mode == "dynamic":
         quantize_dynamic(
             src,

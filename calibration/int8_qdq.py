@@ -63,6 +63,7 @@ from onnxruntime.quantization import (
     quantize_static,
     save_tensors_data,
 )
+from onnxruntime.transformers.onnx_model import OnnxModel
 
 from .data import Feed
 from .fp16 import head_nodes, save_model, tensor_stats
@@ -219,7 +220,7 @@ def make_weight_only(model: onnx.ModelProto, nodes: Iterable[str]) -> int:
 
     For ops whose *input* has outliers that one int8 scale cannot hold (the vision MLP's
     output projection after its sub-LayerNorm): the weight keeps its int8 size, only the
-    activation's rounding goes. The activation Q/DQ pairs left unused are removed.
+    activation's rounding goes.
     """
     wanted = set(nodes)
     graph_nodes = list(model.graph.node)
@@ -236,20 +237,9 @@ def make_weight_only(model: onnx.ModelProto, nodes: Iterable[str]) -> int:
             continue  # input 0 is a weight (not the activation)
         node.input[0] = quantize.input[0]
         changed += 1
-    _remove_unused_nodes(model)
+    # Drops the activation Q/DQ pairs nothing reads any more, and their scales.
+    OnnxModel(model).prune_graph(allow_remove_graph_inputs=False)
     return changed
-
-
-def _remove_unused_nodes(model: onnx.ModelProto) -> None:
-    """Drop nodes none of whose outputs is read (repeatedly: Q then its DQ)."""
-    outputs = {o.name for o in model.graph.output}
-    while True:
-        read = {name for n in model.graph.node for name in n.input} | outputs
-        kept = [n for n in model.graph.node if any(out in read for out in n.output)]
-        if len(kept) == len(model.graph.node):
-            return
-        del model.graph.node[:]
-        model.graph.node.extend(kept)
 
 
 def save_max_ranges(graph: Path, feeds: Sequence[Feed], path: Path) -> Path:
