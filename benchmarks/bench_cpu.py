@@ -216,8 +216,8 @@ def load_engine(engine: str, tower: str, args: argparse.Namespace) -> tuple[Runn
     info: dict[str, Any] = {"graph": str(graph), "build_s": build_s}
     start = time.perf_counter()
     if engine.startswith("ov"):
-        from clipedge.backends import SessionOptions
-        from clipedge.openvino_backend import OpenVinoSession
+        from clipedge.engine.onnxruntime_backend import SessionOptions
+        from clipedge.engine.openvino_backend import OpenVinoSession
 
         cache = args.work / "ov-cache" / engine / tower
         shutil.rmtree(cache, ignore_errors=True)
@@ -230,7 +230,11 @@ def load_engine(engine: str, tower: str, args: argparse.Namespace) -> tuple[Runn
         info["startup_cached_s"] = time.perf_counter() - start
         info["cache_bytes"] = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
     else:
-        from clipedge.backends import OrtSession, SessionOptions, resolve_providers
+        from clipedge.engine.onnxruntime_backend import (
+            OrtSession,
+            SessionOptions,
+            resolve_providers,
+        )
 
         session = OrtSession(graph, resolve_providers("cpu"), SessionOptions(threads=args.threads))
         info["startup_s"] = time.perf_counter() - start

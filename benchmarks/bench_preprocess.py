@@ -28,8 +28,8 @@ import PIL
 import tokenizers
 from PIL import Image, ImageDraw, ImageFilter
 
-from clipedge.images import ImagePreprocessor, load_image, preprocess_images
-from clipedge.tokenization import TextTokenizer
+from clipedge.inputs.images import ImagePreprocessor, load_image, preprocess_images
+from clipedge.inputs.text import TextTokenizer
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "jina-clip-v2-tiny"
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]

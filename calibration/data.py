@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipedge.images import ImageInputError, load_image
+from clipedge.inputs.images import ImageInputError, load_image
 from clipedge.model import ClipEdgeModel
 
 log = logging.getLogger(__name__)

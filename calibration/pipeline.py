@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 import clipedge
-from clipedge.manifest import GraphEntry, describe_files, read_manifest
+from clipedge.bundle.manifest import GraphEntry, describe_files, read_manifest
 
 from .blocks import nodes_by_block
 from .data import CalibrationSet, Feed, tower_feeds

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipedge.backends import OrtSession, SessionOptions, TowerSession
+from clipedge.engine.onnxruntime_backend import OrtSession, SessionOptions, TowerSession
 from clipedge.postprocess import cls_pool, mean_pool
 
 from .data import Feed
@@ -128,7 +128,7 @@ def cpu_session(graph: Path, threads: int | None = None) -> TowerSession:
     runs it) for OpenVINO IR."""
     options = SessionOptions(threads=threads)
     if graph.suffix == ".xml":
-        from clipedge.openvino_backend import OpenVinoSession
+        from clipedge.engine.openvino_backend import OpenVinoSession
 
         return OpenVinoSession(graph, options)
     return OrtSession(graph, ["CPUExecutionProvider"], options)

@@ -9,7 +9,7 @@ import onnx
 import torch
 
 from clipedge import __version__
-from clipedge.manifest import GraphEntry, Manifest, TensorSpec, TowerManifest, describe_files
+from clipedge.bundle.manifest import GraphEntry, Manifest, TensorSpec, TowerManifest, describe_files
 
 from .config import ClipConfig
 from .onnx_export import ExportedGraph

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipedge.manifest import Manifest
+from clipedge.bundle.manifest import Manifest
 
 from .bundle_writer import copy_support_files, write_manifest
 from .onnx_export import DEFAULT_OPSET, ExportedGraph, export_tower

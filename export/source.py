@@ -9,7 +9,7 @@ from typing import Any
 
 from safetensors import safe_open
 
-from clipedge.manifest import sha256_file
+from clipedge.bundle.manifest import sha256_file
 
 from .config import ClipConfig, parse_config
 from .weights import TensorStore

@@ -18,9 +18,18 @@ from typing import Any
 
 import numpy as np
 
-from .backends import OrtSession, SessionOptions, TowerSession, device_kind, resolve_providers
 from .batching import length_sorted_batches
-from .images import (
+from .bundle.manifest import BundleError, Manifest, TowerManifest, read_manifest, sha256_file
+from .engine.onnxruntime_backend import (
+    OrtSession,
+    SessionOptions,
+    TowerSession,
+    device_kind,
+    resolve_providers,
+)
+from .engine.plan import choose_precision, prefers_openvino
+from .engine.profiles import ProfileLimits, tower_profile
+from .inputs.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_URL_BYTES,
     DEFAULT_URL_TIMEOUT,
@@ -29,11 +38,8 @@ from .images import (
     load_image,
     preprocess_images,
 )
-from .manifest import BundleError, Manifest, TowerManifest, read_manifest, sha256_file
+from .inputs.text import TextTokenizer, apply_instruction, check_max_length
 from .postprocess import check_truncate_dim, cls_pool, mean_pool, truncate_and_normalize
-from .precision import choose_precision, prefers_openvino
-from .profiles import ProfileLimits, tower_profile
-from .tokenization import TextTokenizer, apply_instruction, check_max_length
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +206,7 @@ class ClipEdgeModel:
 
     def _make_session(self, tower_name: str, tower: TowerManifest, graph: Path) -> TowerSession:
         if self.device == "openvino":
-            from .openvino_backend import OpenVinoSession
+            from .engine.openvino_backend import OpenVinoSession
 
             return OpenVinoSession(graph, self._options, self.openvino_precision)
         profile = tower_profile(tower_name, tower, self.trt_limits)

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 import clipedge
-from clipedge.backends import resolve_providers, tensorrt_provider_options
+from clipedge.engine.onnxruntime_backend import resolve_providers, tensorrt_provider_options
 
 from conftest import expected
 
@@ -59,8 +59,8 @@ def test_session_settings_keep_results(tiny_bundle, reference, threads, optimiza
 
 
 def test_profiles_follow_limits(tiny_bundle):
-    from clipedge.manifest import read_manifest
-    from clipedge.profiles import ProfileLimits, tower_profile
+    from clipedge.bundle.manifest import read_manifest
+    from clipedge.engine.profiles import ProfileLimits, tower_profile
 
     towers = read_manifest(tiny_bundle).towers
     limits = ProfileLimits(max_batch=16, opt_batch=4, max_length=1024, opt_length=64)

@@ -159,7 +159,7 @@ needs_nncf = pytest.mark.skipif(
 def test_openvino_int8_keeps_cosine_and_float_attention(tiny_bundle, feeds, tmp_path, tower):
     import openvino as ov
 
-    from clipedge.openvino_backend import OpenVinoSession
+    from clipedge.engine.openvino_backend import OpenVinoSession
 
     src = tiny_bundle / f"{tower}.onnx"
     attention = cpu_int8.activation_matmuls(ov.Core().read_model(str(src)))

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipedge.images import (
+from clipedge.inputs.images import (
     PILLOW_BLOCKS_CACHED,
     ImageInputError,
     ImagePreprocessor,

@@ -10,10 +10,10 @@ import onnxruntime as ort
 import pytest
 
 import clipedge
-from clipedge.backends import SessionOptions
+from clipedge.bundle.manifest import BundleError
 from clipedge.calibration.data import image_feeds, text_feeds
-from clipedge.manifest import BundleError
-from clipedge.openvino_backend import (
+from clipedge.engine.onnxruntime_backend import SessionOptions
+from clipedge.engine.openvino_backend import (
     INSTALL_HINT,
     PROVIDER_KEY,
     OpenVinoSession,

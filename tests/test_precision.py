@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from clipedge.manifest import BundleError, GraphEntry
-from clipedge.precision import choose_precision, prefers_openvino
+from clipedge.bundle.manifest import BundleError, GraphEntry
+from clipedge.engine.plan import choose_precision, prefers_openvino
 
 GRAPHS = {
     "fp32": GraphEntry("text.onnx", "fp32"),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from clipedge.batching import length_sorted_batches
-from clipedge.tokenization import TextTokenizer, apply_instruction
+from clipedge.inputs.text import TextTokenizer, apply_instruction
 
 FIXTURE = Path(__file__).parent / "fixtures" / "jina-clip-v2-tiny"
 PAD_ID = 1

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .backends import SessionOptions
-from .manifest import BundleError
+from ..bundle.manifest import BundleError
+from .onnxruntime_backend import SessionOptions
 
 INSTALL_HINT = "pip install 'clipedge[openvino]'"
 PRECISIONS = ("bf16", "f32")

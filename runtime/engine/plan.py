@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 
-from .manifest import BundleError, GraphEntry
+from ..bundle.manifest import BundleError, GraphEntry
 
 # OpenVINO runs its int8 IR, or reads the fp32 ONNX graph and runs it in bf16 (or f32).
 PREFERENCE = {

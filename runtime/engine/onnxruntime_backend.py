@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .manifest import BundleError
+from ..bundle.manifest import BundleError
 
 log = logging.getLogger(__name__)
 

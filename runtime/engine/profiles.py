@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .manifest import TowerManifest
+from ..bundle.manifest import TowerManifest
 
 Shape = list[int]
 Profile = dict[str, tuple[Shape, Shape, Shape]]

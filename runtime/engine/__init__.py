@@ -1,0 +1,1 @@
+"""Execution: the precision and backend per tower, backends behind one session interface."""

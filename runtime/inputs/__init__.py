@@ -1,0 +1,1 @@
+"""Inputs as the towers take them: validation, tokenising, decoding, safe fetching, sources."""
