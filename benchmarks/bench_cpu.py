@@ -120,10 +120,9 @@ def _texts(rng: random.Random, count: int, words: int) -> list[str]:
 
 def _text_feed(model: Any, texts: list[str], length: int) -> Feed:
     """Texts cut to exactly `length` tokens (all are longer): shape [len(texts), length]."""
-    rows = model.tokenizer.tokenize(texts, length)
-    assert all(len(r) == length for r in rows), "a benchmark text is shorter than its case"
-    input_ids, mask = model.tokenizer.pad(rows)
-    return {"input_ids": input_ids, "attention_mask": mask}
+    prepared = model.prepare_texts(texts, max_length=length)
+    assert all(n == length for n in prepared.token_counts), "a text is shorter than its case"
+    return next(model.text_batches(prepared, len(texts))).feeds
 
 
 def case_inputs(bundle: Path) -> dict[str, list[Feed]]:
@@ -134,7 +133,7 @@ def case_inputs(bundle: Path) -> dict[str, list[Feed]]:
     rng = random.Random(1)
     images = _image_paths(EVAL_IMAGES) + [FIXTURE_IMAGES / "img3_large_1024x768.jpg"]
     return {
-        "image_1x512px": [{"pixel_values": model.preprocess_images([p])} for p in images],
+        "image_1x512px": [{"pixel_values": model.prepare_images([p]).pixels} for p in images],
         "text_8x32": [_text_feed(model, _texts(rng, 8, 40), 32) for _ in range(3)],
         "text_1x512": [_text_feed(model, _texts(rng, 1, 600), 512) for _ in range(3)],
     }
@@ -216,12 +215,11 @@ def load_engine(engine: str, tower: str, args: argparse.Namespace) -> tuple[Runn
     info: dict[str, Any] = {"graph": str(graph), "build_s": build_s}
     start = time.perf_counter()
     if engine.startswith("ov"):
-        from clipedge.engine.onnxruntime_backend import SessionOptions
-        from clipedge.engine.openvino_backend import OpenVinoSession
+        from clipedge.engine.openvino_backend import OpenVinoOptions, OpenVinoSession
 
         cache = args.work / "ov-cache" / engine / tower
         shutil.rmtree(cache, ignore_errors=True)
-        options = SessionOptions(threads=args.threads, cache_dir=cache)
+        options = OpenVinoOptions(threads=args.threads, cache_dir=cache)
         session = OpenVinoSession(graph, options)
         info["startup_s"] = time.perf_counter() - start
         del session
@@ -230,13 +228,9 @@ def load_engine(engine: str, tower: str, args: argparse.Namespace) -> tuple[Runn
         info["startup_cached_s"] = time.perf_counter() - start
         info["cache_bytes"] = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
     else:
-        from clipedge.engine.onnxruntime_backend import (
-            OrtSession,
-            SessionOptions,
-            resolve_providers,
-        )
+        from clipedge.engine.onnxruntime_backend import OnnxruntimeOptions, OrtSession
 
-        session = OrtSession(graph, resolve_providers("cpu"), SessionOptions(threads=args.threads))
+        session = OrtSession(graph, "cpu", OnnxruntimeOptions(threads=args.threads))
         info["startup_s"] = time.perf_counter() - start
     info["provider"] = session.provider
     return session.run, info

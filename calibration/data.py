@@ -25,6 +25,8 @@ import numpy as np
 
 from clipedge.inputs.images import ImageInputError, load_image
 from clipedge.model import ClipEdgeModel
+from clipedge.stages import image_batches
+from clipedge.towers import tower_spec
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +150,12 @@ class CalibrationSet:
         )
         return cls(calib_images, held_images, calib_texts, held_texts)
 
+    def items(self, tower: str, held_out: bool) -> list:
+        """One tower's inputs: the calibration part or the held-out part."""
+        if tower == "text":
+            return self.held_out_texts if held_out else self.texts
+        return self.held_out_images if held_out else self.images
+
 
 def with_task_prompts(texts: Sequence[str], instructions: dict[str, str]) -> list[str]:
     """Each text plain and with every non-empty task instruction prepended."""
@@ -183,10 +191,11 @@ def text_feeds(
     """Graph inputs for texts, tokenised exactly as `encode_text` does: each text plain and
     with the query prompts, plus passages; batched by length as `encode_text` batches."""
     inputs = with_task_prompts(texts, model.manifest.task_instructions) + passages(texts)
-    rows = sorted(model.tokenizer.tokenize(inputs, max_length), key=len)
-    for start in range(0, len(rows), batch_size):
-        input_ids, mask = model.tokenizer.pad(rows[start : start + batch_size])
-        yield {"input_ids": input_ids, "attention_mask": mask}
+    prepared = model.prepare_texts(inputs, max_length=max_length)
+    if (error := prepared.first_error()) is not None:
+        raise CalibrationDataError(f"calibration text {error}")
+    for batch in model.text_batches(prepared, batch_size):
+        yield batch.feeds
 
 
 def image_feeds(
@@ -194,19 +203,23 @@ def image_feeds(
 ) -> Iterator[Feed]:
     """Graph inputs for images, preprocessed exactly as `encode_image` does."""
     for start in range(0, len(images), batch_size):
-        yield {"pixel_values": model.preprocess_images(images[start : start + batch_size])}
+        prepared = model.prepare_images(images[start : start + batch_size], start)
+        if (error := prepared.first_error()) is not None:
+            raise CalibrationDataError(f"calibration image {error}")
+        for batch in image_batches(prepared, batch_size):
+            yield batch.feeds
+
+
+FEED_BUILDERS = {"text": text_feeds, "vision": image_feeds}
 
 
 def tower_feeds(
     model: ClipEdgeModel, tower: str, calib: CalibrationSet, held_out: bool
 ) -> list[Feed]:
     """All feeds of one tower for the calibration or the held-out part."""
-    if tower == "text":
-        texts = calib.held_out_texts if held_out else calib.texts
-        if not texts:
-            raise CalibrationDataError("the text tower needs --calibration-texts")
-        return list(text_feeds(model, texts))
-    images = calib.held_out_images if held_out else calib.images
-    if not images:
-        raise CalibrationDataError("the vision tower needs --calibration-images")
-    return list(image_feeds(model, images))
+    items = calib.items(tower, held_out)
+    if not items:
+        raise CalibrationDataError(
+            f"the {tower} tower needs {tower_spec(tower).calibration_option}"
+        )
+    return list(FEED_BUILDERS[tower](model, items))

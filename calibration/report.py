@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from clipedge.engine.onnxruntime_backend import OrtSession, SessionOptions, TowerSession
-from clipedge.postprocess import cls_pool, mean_pool
+from clipedge.engine.onnxruntime_backend import OnnxruntimeOptions, OrtSession
+from clipedge.engine.session import TowerSession
+from clipedge.postprocess import pool
+from clipedge.towers import tower_spec
 
 from .data import Feed
 
@@ -58,13 +60,8 @@ class TowerAccuracy:
 
 def pooled_embeddings(session: TowerSession, tower: str, feeds: Sequence[Feed]) -> np.ndarray:
     """Run the feeds and pool as the runtime does (graphs may output pooled or token states)."""
-    rows = []
-    for feed in feeds:
-        out = session.run(feed)
-        if out.ndim == 3:
-            out = mean_pool(out, feed["attention_mask"]) if tower == "text" else cls_pool(out)
-        rows.append(out.astype(np.float32))
-    return np.concatenate(rows)
+    pooling = tower_spec(tower).pooling
+    return np.concatenate([pool(session.run(feed), pooling, feed) for feed in feeds])
 
 
 def timed_embeddings(
@@ -126,12 +123,11 @@ def graph_bytes(graph: Path) -> int:
 def cpu_session(graph: Path, threads: int | None = None) -> TowerSession:
     """A CPU session for a graph: onnxruntime for ONNX, OpenVINO (bf16, as the runtime
     runs it) for OpenVINO IR."""
-    options = SessionOptions(threads=threads)
     if graph.suffix == ".xml":
-        from clipedge.engine.openvino_backend import OpenVinoSession
+        from clipedge.engine.openvino_backend import OpenVinoOptions, OpenVinoSession
 
-        return OpenVinoSession(graph, options)
-    return OrtSession(graph, ["CPUExecutionProvider"], options)
+        return OpenVinoSession(graph, OpenVinoOptions(threads=threads))
+    return OrtSession(graph, "cpu", OnnxruntimeOptions(threads=threads))
 
 
 def write_report(bundle_dir: Path, entries: list[dict], retrieval: dict) -> Path:

@@ -1,14 +1,17 @@
 """Pooling, Matryoshka truncation and L2 normalisation of tower outputs, as the official code does.
 
 Text embeddings are the masked mean of the last hidden state (including `<s>` and `</s>`);
-image embeddings are the CLS token. Truncation to `truncate_dim` happens before normalising,
-so a truncated embedding is unit-length again.
+image embeddings are the CLS token. Which one a tower uses is the manifest's `pooling` field.
+Truncation to `truncate_dim` happens before normalising, so a truncated embedding is unit-length
+again. This module is the only place these operations exist: export verification, calibration
+and the runtime all call it.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Collection
+from typing import Any
 
 import numpy as np
 
@@ -36,14 +39,38 @@ def cls_pool(last_hidden_state: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(last_hidden_state[:, 0, :], dtype=np.float32)
 
 
+POOLING = ("mean", "cls")
+
+
+def pool(output: np.ndarray, pooling: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """One float32 vector per row: graphs that pool inside return [B, D] as it is; token
+    states [B, T, D] are pooled as the manifest says (`mean` over `attention_mask`, or `cls`)."""
+    if output.ndim == 2:
+        return output.astype(np.float32, copy=False)
+    if pooling == "mean":
+        return mean_pool(output, feeds["attention_mask"])
+    if pooling == "cls":
+        return cls_pool(output)
+    raise ValueError(f"unknown pooling {pooling!r}; known: {', '.join(POOLING)}")
+
+
+def nonfinite_rows(embeddings: np.ndarray) -> list[int]:
+    """Rows holding NaN or Inf (a corrupt graph or an overflow, never a valid embedding)."""
+    return np.flatnonzero(~np.isfinite(embeddings).all(axis=1)).tolist()
+
+
 def check_truncate_dim(
-    truncate_dim: int | None, embed_dim: int, trained_dims: Collection[int] = ()
-) -> None:
-    """Reject dims outside 1..embed_dim; warn about dims the model was not trained to use."""
+    truncate_dim: Any, embed_dim: int, trained_dims: Collection[int] = ()
+) -> int | None:
+    """The dimension to keep (NumPy integers accepted), or None for all of them.
+
+    Dims outside 1..embed_dim are refused; dims the model was not trained to use warn.
+    """
     if truncate_dim is None:
-        return
-    if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int):
+        return None
+    if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int | np.integer):
         raise ValueError(f"truncate_dim must be an int, got {type(truncate_dim).__name__}")
+    truncate_dim = int(truncate_dim)
     if not 1 <= truncate_dim <= embed_dim:
         raise ValueError(f"truncate_dim must be in [1, {embed_dim}], got {truncate_dim}")
     if trained_dims and truncate_dim not in trained_dims:
@@ -52,18 +79,18 @@ def check_truncate_dim(
             f"{sorted(trained_dims)}; retrieval quality may suffer",
             stacklevel=3,
         )
+    return truncate_dim
 
 
 def truncate_and_normalize(
-    embeddings: np.ndarray,
-    truncate_dim: int | None = None,
-    normalize: bool = True,
-    trained_dims: Collection[int] = (),
+    embeddings: np.ndarray, truncate_dim: int | None = None, normalize: bool = True
 ) -> np.ndarray:
-    """Keep the first `truncate_dim` dimensions, then L2-normalise each row (float32 [B, k])."""
+    """Keep the first `truncate_dim` dimensions, then L2-normalise each row (float32 [B, k]).
+
+    `truncate_dim` must have been checked with `check_truncate_dim`.
+    """
     if embeddings.ndim != 2:
         raise ValueError(f"expected embeddings [B, D], got {embeddings.shape}")
-    check_truncate_dim(truncate_dim, embeddings.shape[1], trained_dims)
     out = np.array(embeddings[:, :truncate_dim], dtype=np.float32)
     if normalize:
         norms = np.linalg.norm(out, axis=1, keepdims=True)

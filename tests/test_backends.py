@@ -1,4 +1,4 @@
-"""Backend selection and TensorRT EP settings (the logic runs anywhere; GPU runs are skipped)."""
+"""Execution plan, backend registry and TensorRT EP settings (the logic runs anywhere)."""
 
 from __future__ import annotations
 
@@ -9,29 +9,52 @@ import onnxruntime as ort
 import pytest
 
 import clipedge
-from clipedge.engine.onnxruntime_backend import resolve_providers, tensorrt_provider_options
+from clipedge import OnnxruntimeOptions, OpenVinoOptions, ProfileLimits, TensorrtEpOptions
+from clipedge.bundle.manifest import read_manifest
+from clipedge.engine import onnxruntime_backend, plan
+from clipedge.engine.onnxruntime_backend import tensorrt_provider_options
+from clipedge.engine.profiles import tower_profile
+from clipedge.engine.registry import BACKENDS
 
 from conftest import expected
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def test_auto_picks_best_available():
-    providers = resolve_providers("auto")
-    best = next(p for p in providers if p in ort.get_available_providers())
-    assert providers[0] == best and providers[-1] == "CPUExecutionProvider"
+@pytest.mark.skipif(HAS_CUDA, reason="checks the plan of a CPU-only machine")
+def test_auto_plans_cpu_and_fastest_passing_precision(tiny_bundle):
+    manifest = read_manifest(tiny_bundle)
+    execution = plan.plan_execution(manifest, tiny_bundle)
+    assert execution.backend == "cpu" and execution.auto
+    assert execution.precisions == {"text": "fp32", "vision": "fp32"}
+    assert execution.towers["text"].graph == tiny_bundle / "text.onnx"
 
 
-def test_unknown_backend():
+def test_unknown_backend(tiny_bundle):
     with pytest.raises(ValueError, match="unknown backend 'tpu'"):
-        resolve_providers("tpu")
+        clipedge.load(tiny_bundle, backend="tpu")
+
+
+def test_every_backend_is_registered_with_its_options():
+    assert {name: b.options_type for name, b in BACKENDS.items()} == {
+        "cpu": OnnxruntimeOptions,
+        "cuda": OnnxruntimeOptions,
+        "tensorrt": TensorrtEpOptions,
+        "openvino": OpenVinoOptions,
+    }
+
+
+def test_options_of_another_backend_are_refused(tiny_bundle):
+    with pytest.raises(TypeError, match="backend 'cpu' takes OnnxruntimeOptions"):
+        clipedge.load(tiny_bundle, backend="cpu", backend_options=OpenVinoOptions())
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the fallback path of a CPU-only onnxruntime")
 def test_requested_gpu_backend_falls_back_with_warning(tiny_bundle):
-    with pytest.warns(RuntimeWarning, match="falling back to CPUExecutionProvider"):
+    with pytest.warns(RuntimeWarning, match="falling back to cpu"):
         model = clipedge.load(tiny_bundle, backend="cuda")
-        model.encode_text("a")
+    model.encode_text("a")
+    assert model.plan.backend == "cpu"
     assert model.session("text").provider == "CPUExecutionProvider"
 
 
@@ -50,36 +73,80 @@ def test_tensorrt_profile_options(tmp_path):
     assert options["trt_engine_cache_path"] == str(tmp_path)
 
 
+class RecordedSession(Exception):
+    """Raised by the stand-in InferenceSession once it has recorded its arguments."""
+
+
+def test_tensorrt_profile_reaches_the_session(tiny_bundle, tmp_path, monkeypatch):
+    """What `clipedge.load(backend="tensorrt")` hands onnxruntime: the profile from the
+    options' limits and the cache folder (recorded, no GPU needed)."""
+    providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: providers)
+    monkeypatch.setattr(onnxruntime_backend, "preload_cuda_libraries", lambda: None)
+    calls = []
+
+    def record(graph, options, providers, provider_options):
+        calls.append((graph, providers, provider_options))
+        raise RecordedSession
+
+    monkeypatch.setattr(ort, "InferenceSession", record)
+    options = TensorrtEpOptions(
+        limits=ProfileLimits(max_batch=16, opt_batch=4, max_length=256, opt_length=64),
+        cache_dir=tmp_path / "engines",
+    )
+    model = clipedge.load(tiny_bundle, backend="tensorrt", backend_options=options)
+    with pytest.raises(clipedge.BundleError):  # wraps RecordedSession
+        model.encode_text(["a"], max_length=256)
+    graph, used, provider_options = calls[0]
+    assert graph.endswith("text.onnx") and used == providers
+    trt = provider_options[0]
+    assert trt["trt_profile_min_shapes"] == "input_ids:1x1,attention_mask:1x1"
+    assert trt["trt_profile_opt_shapes"] == "input_ids:4x64,attention_mask:4x64"
+    assert trt["trt_profile_max_shapes"] == "input_ids:16x256,attention_mask:16x256"
+    assert trt["trt_engine_cache_path"] == str(tmp_path / "engines")
+    with pytest.raises(clipedge.BundleError):  # wraps RecordedSession
+        model.encode_image(np.zeros((8, 8, 3), np.uint8))
+    assert calls[1][2][0]["trt_profile_max_shapes"] == "pixel_values:16x3x64x64"
+    # Texts beyond the profile are refused before any work, naming the option to change.
+    calls.clear()
+    with pytest.raises(ValueError, match="max_length=512"):
+        model.encode_text(["a"], max_length=512)
+    assert not calls
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("optimization", ["disable", "basic", "all"])
 def test_session_settings_keep_results(tiny_bundle, reference, threads, optimization):
-    model = clipedge.load(tiny_bundle, backend="cpu", threads=threads, optimization=optimization)
+    model = clipedge.load(
+        tiny_bundle,
+        backend="cpu",
+        threads=threads,
+        backend_options=OnnxruntimeOptions(optimization=optimization),
+    )
+    assert model.backend_options.threads == threads
     out = model.encode_text(reference["texts"])
     assert np.abs(out - expected("text_default_norm.npy")).max() <= 2e-5
 
 
 def test_profiles_follow_limits(tiny_bundle):
-    from clipedge.bundle.manifest import read_manifest
-    from clipedge.engine.profiles import ProfileLimits, tower_profile
-
     towers = read_manifest(tiny_bundle).towers
     limits = ProfileLimits(max_batch=16, opt_batch=4, max_length=1024, opt_length=64)
-    text = tower_profile("text", towers["text"], limits)
+    text = tower_profile(towers["text"], limits)
     assert text["input_ids"] == ([1, 1], [4, 64], [16, 1024]) == text["attention_mask"]
-    vision = tower_profile("vision", towers["vision"], limits)
+    vision = tower_profile(towers["vision"], limits)
     assert vision["pixel_values"] == ([1, 3, 64, 64], [4, 3, 64, 64], [16, 3, 64, 64])
-    with pytest.raises(ValueError, match="trt_max_length=2048"):
-        limits.check(8, 2048)
-    with pytest.raises(ValueError, match="trt_max_batch=64"):
-        limits.check(64)
+    with pytest.raises(ValueError, match="max_length=2048"):
+        limits.check_length(2048)
     with pytest.raises(ValueError, match="opt_batch"):
         ProfileLimits(max_batch=2, opt_batch=4)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="auto takes a GPU provider before OpenVINO")
-def test_auto_takes_openvino_for_openvino_int8_bundles_when_installed(monkeypatch):
+def test_auto_takes_openvino_for_openvino_int8_bundles_when_installed(tiny_bundle, monkeypatch):
     pytest.importorskip("openvino", reason="needs the optional openvino package")
-    assert resolve_providers("auto", openvino_graphs=True) == ["OpenVINO"]
-    assert resolve_providers("auto", openvino_graphs=False) == ["CPUExecutionProvider"]
+    manifest = read_manifest(tiny_bundle)
+    assert plan.choose_backend("auto", manifest) == "cpu"  # no int8-ov graphs
+    monkeypatch.setattr(plan, "prefers_openvino", lambda graphs: True)
+    assert plan.choose_backend("auto", manifest) == "openvino"
     monkeypatch.setitem(sys.modules, "openvino", None)  # import fails as if not installed
-    assert resolve_providers("auto", openvino_graphs=True) == ["CPUExecutionProvider"]
+    assert plan.choose_backend("auto", manifest) == "cpu"

@@ -207,7 +207,7 @@ def test_openvino_int8_precision_end_to_end(bundle_copy, reference):
     assert any(quantized(op) for name, op in matmuls.items() if name not in w3)
     # With OpenVINO installed and no NVIDIA GPU, auto takes OpenVINO and its int8 graphs.
     model = clipedge.load(bundle_copy)
-    assert model.providers == ["OpenVINO"]
+    assert model.plan.backend == "openvino"
     assert model.precisions == {"text": "int8-ov", "vision": "int8-ov"}
     fp32 = clipedge.load(bundle_copy, backend="cpu", precision="fp32")
     a, b = model.encode_text(reference["texts"]), fp32.encode_text(reference["texts"])

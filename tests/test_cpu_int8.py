@@ -159,7 +159,7 @@ needs_nncf = pytest.mark.skipif(
 def test_openvino_int8_keeps_cosine_and_float_attention(tiny_bundle, feeds, tmp_path, tower):
     import openvino as ov
 
-    from clipedge.engine.openvino_backend import OpenVinoSession
+    from clipedge.engine.openvino_backend import OpenVinoOptions, OpenVinoSession
 
     src = tiny_bundle / f"{tower}.onnx"
     attention = cpu_int8.activation_matmuls(ov.Core().read_model(str(src)))
@@ -174,7 +174,7 @@ def test_openvino_int8_keeps_cosine_and_float_attention(tiny_bundle, feeds, tmp_
         and op.input_value(0).get_node().get_type_name() == "FakeQuantize"
     }
     assert quantised and not quantised & set(attention)
-    session = OpenVinoSession(dst, inference_precision="f32")
+    session = OpenVinoSession(dst, OpenVinoOptions(inference_precision="f32"))
     output = np.concatenate([session.run(feed) for feed in feeds[tower]])
     assert _min_cosine(output, _run(src, feeds[tower])) >= MIN_COSINE
 

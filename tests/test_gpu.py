@@ -72,7 +72,12 @@ def test_auto_takes_the_best_provider_that_starts(tiny_bundle, reference):
     reason="needs onnxruntime's TensorRT execution provider and TensorRT's libraries",
 )
 def test_tensorrt_fp32_matches_official(tiny_bundle, reference, tmp_path):
-    model = clipedge.load(tiny_bundle, backend="tensorrt", precision="fp32", cache_dir=tmp_path)
+    model = clipedge.load(
+        tiny_bundle,
+        backend="tensorrt",
+        precision="fp32",
+        backend_options=clipedge.TensorrtEpOptions(cache_dir=tmp_path),
+    )
     text = model.encode_text(reference["texts"])
     assert model.session("text").provider == "TensorrtExecutionProvider"
     assert np.abs(text - expected("text_default_norm.npy")).max() <= GPU_FP32_MAX_ABS

@@ -128,9 +128,9 @@ def test_long_text_keeps_cosine_with_float_attention(quantized, tiny_bundle, ref
     """int8 softmax probabilities over 512 keys drifted to cosine 0.98975 (0.99996 float)."""
     model = clipedge.load(tiny_bundle, backend="cpu")
     long_text = max(reference["texts"], key=len)
-    ids, mask = model.tokenizer.pad(model.tokenizer.tokenize([long_text], 512))
-    assert ids.shape[1] == 512
-    feed = [{"input_ids": ids, "attention_mask": mask}]
+    feeds = next(model.text_batches(model.prepare_texts([long_text]), 1)).feeds
+    assert feeds["input_ids"].shape[1] == 512
+    feed = [feeds]
     fp32 = pooled_embeddings(cpu_session(tiny_bundle / "text.onnx"), "text", feed)
     int8 = pooled_embeddings(cpu_session(quantized["text"]), "text", feed)
     assert cosine_stats(fp32, int8)["cosine_min"] >= 0.999

@@ -12,10 +12,9 @@ import pytest
 import clipedge
 from clipedge.bundle.manifest import BundleError
 from clipedge.calibration.data import image_feeds, text_feeds
-from clipedge.engine.onnxruntime_backend import SessionOptions
 from clipedge.engine.openvino_backend import (
     INSTALL_HINT,
-    PROVIDER_KEY,
+    OpenVinoOptions,
     OpenVinoSession,
     compile_config,
     import_openvino,
@@ -73,13 +72,15 @@ def test_compile_config():
     }
     assert "INFERENCE_NUM_THREADS" not in compile_config("f32", None)
     with pytest.raises(ValueError, match="inference_precision"):
-        compile_config("int8", None)
+        OpenVinoOptions(inference_precision="int8")
 
 
 @NEEDS_OPENVINO
 @pytest.mark.parametrize("tower", ["text", "vision"])
 def test_f32_matches_onnxruntime(tiny_bundle, feeds, tower):
-    session = OpenVinoSession(tiny_bundle / f"{tower}.onnx", inference_precision="f32")
+    session = OpenVinoSession(
+        tiny_bundle / f"{tower}.onnx", OpenVinoOptions(inference_precision="f32")
+    )
     assert session.provider == "OpenVINO-CPU f32"
     for feed, expected in zip(feeds[tower], _reference(tiny_bundle, tower, feeds), strict=True):
         output = session.run(feed)
@@ -90,14 +91,18 @@ def test_f32_matches_onnxruntime(tiny_bundle, feeds, tower):
 @NEEDS_OPENVINO
 @pytest.mark.parametrize("tower", ["text", "vision"])
 def test_bf16_keeps_cosine(tiny_bundle, feeds, tower):
-    session = OpenVinoSession(tiny_bundle / f"{tower}.onnx", inference_precision="bf16")
+    session = OpenVinoSession(
+        tiny_bundle / f"{tower}.onnx", OpenVinoOptions(inference_precision="bf16")
+    )
     for feed, expected in zip(feeds[tower], _reference(tiny_bundle, tower, feeds), strict=True):
         assert _cosine(session.run(feed), expected).min() >= 0.999
 
 
 @NEEDS_OPENVINO
 def test_concurrent_runs_match_sequential(tiny_bundle, feeds):
-    session = OpenVinoSession(tiny_bundle / "text.onnx", SessionOptions(threads=1), "f32")
+    session = OpenVinoSession(
+        tiny_bundle / "text.onnx", OpenVinoOptions(threads=1, inference_precision="f32")
+    )
     work = feeds["text"] * 4
     sequential = [session.run(feed) for feed in work]
     with ThreadPoolExecutor(4) as pool:
@@ -108,7 +113,9 @@ def test_concurrent_runs_match_sequential(tiny_bundle, feeds):
 
 @NEEDS_OPENVINO
 def test_outputs_are_not_overwritten_by_later_calls(tiny_bundle, feeds):
-    session = OpenVinoSession(tiny_bundle / "vision.onnx", inference_precision="f32")
+    session = OpenVinoSession(
+        tiny_bundle / "vision.onnx", OpenVinoOptions(inference_precision="f32")
+    )
     first = session.run(feeds["vision"][0])
     kept = first.copy()
     session.run(feeds["vision"][1])
@@ -117,7 +124,7 @@ def test_outputs_are_not_overwritten_by_later_calls(tiny_bundle, feeds):
 
 @NEEDS_OPENVINO
 def test_cache_dir_is_filled_and_reused(tiny_bundle, feeds, tmp_path):
-    options = SessionOptions(cache_dir=tmp_path / "cache")
+    options = OpenVinoOptions(cache_dir=tmp_path / "cache")
     first = OpenVinoSession(tiny_bundle / "vision.onnx", options).run(feeds["vision"][0])
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
     assert stamps
@@ -129,7 +136,7 @@ def test_cache_dir_is_filled_and_reused(tiny_bundle, feeds, tmp_path):
 
 @NEEDS_OPENVINO
 def test_provider_options_override_defaults(tiny_bundle):
-    options = SessionOptions(provider_options={PROVIDER_KEY: {"INFERENCE_PRECISION_HINT": "f32"}})
+    options = OpenVinoOptions(properties={"INFERENCE_PRECISION_HINT": "f32"})
     assert OpenVinoSession(tiny_bundle / "text.onnx", options).provider == "OpenVINO-CPU f32"
 
 
@@ -147,7 +154,9 @@ def test_load_with_openvino_backend_matches_official(tiny_bundle, reference):
 
     from conftest import expected
 
-    model = clipedge.load(tiny_bundle, backend="openvino", openvino_precision="f32")
+    model = clipedge.load(
+        tiny_bundle, backend="openvino", backend_options=OpenVinoOptions(inference_precision="f32")
+    )
     assert model.precisions == {"text": "fp32", "vision": "fp32"}
     out = model.encode_text(reference["texts"])
     assert np.abs(out - expected("text_default_norm.npy")).max() <= 1e-4

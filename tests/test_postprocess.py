@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipedge.postprocess import cls_pool, mean_pool, truncate_and_normalize
+from clipedge.postprocess import check_truncate_dim, cls_pool, mean_pool, truncate_and_normalize
 
 EXPECTED = Path(__file__).parent / "fixtures" / "jina-clip-v2-tiny" / "expected"
 MATRYOSHKA = (32, 64, 128, 256, 512, 768, 1024)
@@ -61,7 +61,7 @@ def test_cls_pool_takes_first_token():
     ],
 )
 def test_truncate_then_normalize_equals_reference(raw, expected, truncate_dim):
-    out = truncate_and_normalize(load(raw), truncate_dim, trained_dims=MATRYOSHKA)
+    out = truncate_and_normalize(load(raw), truncate_dim)
     np.testing.assert_allclose(out, load(expected), rtol=0, atol=1e-6)
 
 
@@ -89,14 +89,14 @@ def test_zero_vector_stays_finite():
 @pytest.mark.parametrize("truncate_dim", [0, -3, 65, 2.0, "32", True])
 def test_invalid_truncate_dim(truncate_dim):
     with pytest.raises(ValueError, match="truncate_dim"):
-        truncate_and_normalize(load("image_raw"), truncate_dim)
+        check_truncate_dim(truncate_dim, 64)
 
 
 def test_untrained_truncate_dim_warns():
     raw = load("image_raw")
     with pytest.warns(UserWarning, match="Matryoshka"):
-        truncate_and_normalize(raw, 48, trained_dims=MATRYOSHKA)
+        check_truncate_dim(48, raw.shape[1], MATRYOSHKA)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        truncate_and_normalize(raw, 32, trained_dims=MATRYOSHKA)
-        truncate_and_normalize(raw, 48)
+        check_truncate_dim(32, raw.shape[1], MATRYOSHKA)
+        check_truncate_dim(48, raw.shape[1])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import clipedge
-from clipedge import BundleError, ImageInputError
+from clipedge import BundleError, ImageInputError, TextInputError
 
 from conftest import EXPECTED, expected
 
@@ -59,8 +59,9 @@ def test_encode_text_single_string_gives_vector(model, reference):
 
 
 def test_token_ids_equal_official(model, reference):
-    tokenizer = model._tokenizer
-    assert tokenizer.tokenize(reference["texts"], 512) == reference["token_ids_default"]
+    prepared = model.prepare_texts(reference["texts"])
+    assert prepared.token_ids == reference["token_ids_default"]
+    assert prepared.token_counts == [len(ids) for ids in reference["token_ids_default"]]
 
 
 @pytest.mark.parametrize(
@@ -77,7 +78,7 @@ def test_encode_image_matches_official(model, image_files, kwargs, name):
 
 
 def test_pixel_tensors_match_official(model, image_files):
-    pixels = model.preprocess_images(image_files)
+    pixels = model.prepare_images(image_files).pixels
     assert np.abs(pixels - expected("image_pixel_values.npy")).max() <= 1e-6
 
 
@@ -151,7 +152,7 @@ def test_invalid_max_length(model, length):
 
 
 def test_text_errors_name_the_item(model):
-    with pytest.raises(TypeError, match="item 1: expected str, got NoneType"):
+    with pytest.raises(TextInputError, match="item 1: expected str, got NoneType"):
         model.encode_text(["a", None])
     with pytest.raises(ValueError, match="empty"):
         model.encode_text([])

@@ -1,7 +1,6 @@
-"""Inference backends behind one small interface: one session per tower.
+"""onnxruntime sessions (CPU, CUDA and TensorRT execution providers) for one tower's graph.
 
-`TowerSession.run(feeds) -> first output` is all the model code needs, so onnxruntime (CPU,
-CUDA or TensorRT execution providers) and the native TensorRT backend are interchangeable.
+onnxruntime is imported when the first session is made, not by `import clipedge`.
 """
 
 from __future__ import annotations
@@ -12,90 +11,52 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
-from ..bundle.manifest import BundleError
+from ..bundle.manifest import BundleError, TowerManifest
+from .profiles import ProfileLimits, tower_profile
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "cpu", "cuda", "tensorrt", "openvino")
-OPENVINO = "OpenVINO"  # pseudo-provider name: sessions come from openvino_backend
-GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 OPT_LEVELS = {"disable": 0, "basic": 1, "extended": 2, "all": 99}
-
-
-class TowerSession(Protocol):
-    """What the model needs from a backend for one tower's graph."""
-
-    provider: str
-
-    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray: ...
+# Providers per backend name, best first; onnxruntime runs each node on the first that can.
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
 @dataclass(frozen=True)
-class SessionOptions:
-    """Backend settings shared by both towers.
-
-    `threads` sets onnxruntime's intra-op threads (None: one per physical core);
-    `optimization` is one of OPT_LEVELS; `cache_dir` holds TensorRT engine/timing caches.
-    """
+class OnnxruntimeOptions:
+    """onnxruntime settings: `threads` intra-op threads (None: one per physical core),
+    `optimization` one of OPT_LEVELS, `provider_options` raw options per provider name."""
 
     threads: int | None = None
     optimization: str = "all"
-    cache_dir: Path | None = None
     provider_options: dict[str, dict[str, str]] = field(default_factory=dict)
 
-
-def openvino_installed() -> bool:
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    def __post_init__(self) -> None:
+        if self.optimization not in OPT_LEVELS:
+            raise ValueError(f"optimization must be one of {list(OPT_LEVELS)}")
 
 
-def resolve_providers(backend: str, openvino_graphs: bool = False) -> list[str]:
-    """onnxruntime providers for a backend name, best first; warns when one is missing.
+@dataclass(frozen=True)
+class TensorrtEpOptions(OnnxruntimeOptions):
+    """onnxruntime's TensorRT provider: the engines' profile limits and their on-disk cache
+    (default: `.trt-cache` beside the graph)."""
 
-    `auto` takes TensorRT, then CUDA; without either it takes OpenVINO when the bundle has
-    OpenVINO int8 graphs (`openvino_graphs`) and OpenVINO is installed, else the CPU provider.
-    """
-    if backend == OPENVINO.lower():
-        return [OPENVINO]
+    limits: ProfileLimits = field(default_factory=ProfileLimits)
+    cache_dir: Path | None = None
+
+
+def provider_available(backend: str) -> bool:
+    """Whether this onnxruntime build lists the backend's first provider."""
     import onnxruntime as ort
 
-    available = set(ort.get_available_providers())
-    wanted = {
-        "cpu": ["CPUExecutionProvider"],
-        "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-        "tensorrt": [
-            "TensorrtExecutionProvider",
-            "CUDAExecutionProvider",
-            "CPUExecutionProvider",
-        ],
-    }
-    if backend == "auto":
-        for candidate in ("tensorrt", "cuda"):
-            if wanted[candidate][0] in available:
-                log.info("backend auto: using %s (available: %s)", candidate, sorted(available))
-                return wanted[candidate]
-        if openvino_graphs and openvino_installed():
-            log.info("backend auto: using openvino (the bundle has OpenVINO int8 graphs)")
-            return [OPENVINO]
-        return wanted["cpu"]
-    if backend not in wanted:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    chosen = [p for p in wanted[backend] if p in available]
-    if chosen[0] != wanted[backend][0]:
-        warnings.warn(
-            f"backend {backend!r}: {wanted[backend][0]} is not available in this onnxruntime "
-            f"build (install onnxruntime-gpu); falling back to {chosen[0]}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    return chosen
+    return PROVIDERS[backend][0] in ort.get_available_providers()
 
 
 def tensorrt_provider_options(
@@ -140,22 +101,27 @@ def preload_cuda_libraries() -> None:
 
 
 class OrtSession:
-    """An onnxruntime InferenceSession for one graph (thread-safe `run`)."""
+    """An onnxruntime InferenceSession for one graph (thread-safe `run`).
+
+    `backend` is "cpu", "cuda" or "tensorrt"; providers this onnxruntime build lacks are left
+    out. With TensorRT, `tower` gives the dynamic-shape profile (from `options.limits`).
+    `warn_on_fallback=False` (backend "auto") logs instead of warning when the first provider
+    cannot start, e.g. onnxruntime-gpu lists TensorRT without its libraries.
+    """
 
     def __init__(
         self,
         graph: Path,
-        providers: list[str],
-        options: SessionOptions,
-        trt_shapes: dict[str, tuple[list[int], list[int], list[int]]] | None = None,
+        backend: str = "cpu",
+        options: OnnxruntimeOptions | None = None,
+        tower: TowerManifest | None = None,
         warn_on_fallback: bool = True,
     ) -> None:
-        """`warn_on_fallback=False` (backend "auto") logs instead of warning when the first
-        provider cannot start, e.g. onnxruntime-gpu lists TensorRT without its libraries."""
         import onnxruntime as ort
 
-        if options.optimization not in OPT_LEVELS:
-            raise ValueError(f"optimization must be one of {list(OPT_LEVELS)}")
+        options = options or OnnxruntimeOptions()
+        available = set(ort.get_available_providers())
+        providers = [p for p in PROVIDERS[backend] if p in available]
         session_options = ort.SessionOptions()
         session_options.graph_optimization_level = ort.GraphOptimizationLevel(
             OPT_LEVELS[options.optimization]
@@ -164,14 +130,17 @@ class OrtSession:
             session_options.intra_op_num_threads = options.threads
         if providers[0] in GPU_PROVIDERS:
             preload_cuda_libraries()
-        provider_options = []
-        for name in providers:
-            extra = dict(options.provider_options.get(name, {}))
-            if name == "TensorrtExecutionProvider" and trt_shapes:
-                cache = options.cache_dir or graph.parent / ".trt-cache"
-                os.makedirs(cache, exist_ok=True)
-                extra = {**tensorrt_provider_options(trt_shapes, cache), **extra}
-            provider_options.append(extra)
+        provider_options = [dict(options.provider_options.get(p, {})) for p in providers]
+        if providers[0] == "TensorrtExecutionProvider" and isinstance(options, TensorrtEpOptions):
+            if tower is None:
+                raise ValueError("the TensorRT provider needs the tower for its shape profile")
+            cache = options.cache_dir or graph.parent / ".trt-cache"
+            os.makedirs(cache, exist_ok=True)
+            profile = tower_profile(tower, options.limits)
+            provider_options[0] = {
+                **tensorrt_provider_options(profile, cache),
+                **provider_options[0],
+            }
         try:
             self._session = ort.InferenceSession(
                 str(graph), session_options, providers=providers, provider_options=provider_options
@@ -191,10 +160,3 @@ class OrtSession:
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self._session.run(None, feeds)[0]
-
-
-def device_kind(providers: list[str]) -> str:
-    """Device class of the first provider: "gpu" (TensorRT/CUDA), "openvino" or "cpu"."""
-    if providers[0] == OPENVINO:
-        return "openvino"
-    return "gpu" if providers[0] in GPU_PROVIDERS else "cpu"

@@ -9,18 +9,41 @@ only when this backend is used.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..bundle.manifest import BundleError
-from .onnxruntime_backend import SessionOptions
 
 INSTALL_HINT = "pip install 'clipedge[openvino]'"
 PRECISIONS = ("bf16", "f32")
-# Key under `SessionOptions.provider_options` for raw OpenVINO properties (strings).
-PROVIDER_KEY = "OpenVINO"
+
+
+@dataclass(frozen=True)
+class OpenVinoOptions:
+    """OpenVINO settings: `inference_precision` for float graphs ("bf16" or "f32"; int8 IR
+    runs its int8 parts either way), `threads` (None: all cores), `cache_dir` for compiled
+    models (a restart imports instead of compiling), `properties` raw OpenVINO properties that
+    win over these."""
+
+    threads: int | None = None
+    inference_precision: str = "bf16"
+    cache_dir: Path | None = None
+    properties: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.inference_precision not in PRECISIONS:
+            raise ValueError(f"inference_precision must be one of {PRECISIONS}")
+
+
+def openvino_installed() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def import_openvino() -> Any:
@@ -40,8 +63,6 @@ def compile_config(
     bf16 falls back to f32 on CPUs without bf16 support (OpenVINO decides); `overrides` are
     raw OpenVINO property names and values and win over the defaults.
     """
-    if inference_precision not in PRECISIONS:
-        raise ValueError(f"inference_precision must be one of {PRECISIONS}")
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": inference_precision}
     if threads is not None:
         config["INFERENCE_NUM_THREADS"] = str(threads)
@@ -52,22 +73,14 @@ class OpenVinoSession:
     """A compiled OpenVINO model for one graph (ONNX or OpenVINO IR); thread-safe `run`.
 
     Each calling thread gets its own infer request, so concurrent calls never share buffers.
-    With `options.cache_dir` set, the compiled model is stored there and a restart imports it
-    instead of compiling again.
     """
 
     def __init__(
-        self,
-        graph: Path,
-        options: SessionOptions | None = None,
-        inference_precision: str = "bf16",
-        device: str = "CPU",
+        self, graph: Path, options: OpenVinoOptions | None = None, device: str = "CPU"
     ) -> None:
-        options = options or SessionOptions()
+        options = options or OpenVinoOptions()
         ov = import_openvino()
-        config = compile_config(
-            inference_precision, options.threads, options.provider_options.get(PROVIDER_KEY)
-        )
+        config = compile_config(options.inference_precision, options.threads, options.properties)
         core = ov.Core()
         if options.cache_dir is not None:
             Path(options.cache_dir).mkdir(parents=True, exist_ok=True)

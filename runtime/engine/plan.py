@@ -1,17 +1,24 @@
-"""Which precision of a tower to run: the caller's choice, or the fastest that passed.
+"""The execution plan: which backend runs the bundle and which precision each tower loads.
 
 An export with calibration adds lower-precision graphs next to fp32, each with the device it
 is meant for and whether it met its accuracy target. Preference is fastest first per device
 class: on GPUs TensorRT/CUDA run Q/DQ int8 fastest, then fp16; on CPUs the onnxruntime int8
 graph beats fp32, and under OpenVINO its own NNCF int8 IR beats everything (figures in the
-README).
+README). Backend and precision are chosen here, once, from the bundle, the machine and the
+caller's wishes; the model only follows the plan.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 
-from ..bundle.manifest import BundleError, GraphEntry
+from ..bundle.manifest import BundleError, GraphEntry, Manifest
+from .registry import backend as get_backend
+
+log = logging.getLogger(__name__)
 
 # OpenVINO runs its int8 IR, or reads the fp32 ONNX graph and runs it in bf16 (or f32).
 PREFERENCE = {
@@ -19,12 +26,41 @@ PREFERENCE = {
     "cpu": ("int8-cpu", "fp32"),
     "openvino": ("int8-ov", "fp32"),
 }
+# `auto` takes the first available GPU backend; else OpenVINO for bundles built for it.
+AUTO_GPU_ORDER = ("tensorrt", "cuda")
+
+
+@dataclass(frozen=True)
+class TowerPlan:
+    """One tower: the precision to load and its graph file."""
+
+    tower: str
+    precision: str
+    graph: Path
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """The backend for the whole bundle and, per tower, what it loads. `auto` is True when
+    the backend was chosen automatically (a provider failing to start then only logs)."""
+
+    backend: str
+    towers: dict[str, TowerPlan]
+    auto: bool
+
+    @property
+    def device(self) -> str:
+        return get_backend(self.backend).device
+
+    @property
+    def precisions(self) -> dict[str, str]:
+        return {name: plan.precision for name, plan in self.towers.items()}
 
 
 def choose_precision(
     tower: str, graphs: dict[str, GraphEntry], device: str, requested: str | None = None
 ) -> str:
-    """The precision to load for `tower` on `device` ("cpu" or "gpu")."""
+    """The precision to load for `tower` on `device` ("cpu", "gpu" or "openvino")."""
     if requested is not None:
         if requested not in graphs:
             raise BundleError(
@@ -40,13 +76,13 @@ def choose_precision(
                 f"{tower} {requested} graph missed its accuracy target at export "
                 f"({entry.accuracy}); results may drift from fp32",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         if entry.device not in ("any", device):
             warnings.warn(
                 f"{tower} {requested} graph is meant for {entry.device}, running on {device}",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         return requested
     for precision in PREFERENCE[device]:
@@ -62,3 +98,44 @@ def prefers_openvino(towers_graphs: list[dict[str, GraphEntry]]) -> bool:
     return bool(towers_graphs) and all(
         "int8-ov" in graphs and graphs["int8-ov"].passed for graphs in towers_graphs
     )
+
+
+def choose_backend(requested: str, manifest: Manifest) -> str:
+    """The backend that will run: the one asked for (or its fallback, with a warning, when it
+    is not available here), or for `auto` the fastest available for this bundle."""
+    if requested == "auto":
+        for name in AUTO_GPU_ORDER:
+            if get_backend(name).available():
+                log.info("backend auto: using %s", name)
+                return name
+        graphs = [tower.graphs for tower in manifest.towers.values()]
+        if prefers_openvino(graphs) and get_backend("openvino").available():
+            log.info("backend auto: using openvino (the bundle has OpenVINO int8 graphs)")
+            return "openvino"
+        return "cpu"
+    chosen = get_backend(requested)
+    while not chosen.available() and chosen.fallback is not None:
+        fallback = get_backend(chosen.fallback)
+        warnings.warn(
+            f"backend {requested!r}: {chosen.name} is not available here (for GPUs install "
+            f"onnxruntime-gpu); falling back to {fallback.name}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        chosen = fallback
+    return chosen.name
+
+
+def plan_execution(
+    manifest: Manifest, bundle_dir: Path, backend: str = "auto", precision: str | None = None
+) -> ExecutionPlan:
+    """Backend and, per tower, precision and graph file for this bundle on this machine."""
+    name = choose_backend(backend, manifest)
+    device = get_backend(name).device
+    towers = {}
+    for tower_name, tower in manifest.towers.items():
+        chosen = choose_precision(tower_name, tower.graphs, device, precision)
+        towers[tower_name] = TowerPlan(
+            tower_name, chosen, Path(bundle_dir) / tower.graphs[chosen].file
+        )
+    return ExecutionPlan(name, towers, auto=backend == "auto")

@@ -4,7 +4,8 @@ An engine only accepts shapes inside its profile, and its memory plan is sized f
 profile's maximum: a text profile up to 32 x 8192 tokens would reserve attention workspace for
 a shape nobody sends. So the limits are explicit, default to the official `encode_text`
 defaults (max_length 512, batch 32), and requests beyond them are refused with a clear error
-instead of a TensorRT failure or a silent engine rebuild.
+instead of a TensorRT failure or a silent engine rebuild. The axes come from the tower spec:
+every input's batch axis varies, and the text tower's sequence axis too.
 """
 
 from __future__ import annotations
@@ -32,31 +33,33 @@ class ProfileLimits:
         if not 1 <= self.opt_length <= self.max_length:
             raise ValueError(f"need 1 <= opt_length <= max_length, got {self}")
 
-    def check(self, batch_size: int, max_length: int | None = None) -> None:
-        """Refuse a request the engine's profile cannot take."""
-        if batch_size > self.max_batch:
-            raise ValueError(
-                f"batch_size {batch_size} exceeds the TensorRT profile's max batch "
-                f"{self.max_batch}; load with trt_max_batch={batch_size} or a smaller batch_size"
-            )
-        if max_length is not None and max_length > self.max_length:
+    def check_length(self, max_length: int) -> None:
+        """Refuse texts longer than the profile takes (batches are split instead)."""
+        if max_length > self.max_length:
             raise ValueError(
                 f"max_length {max_length} exceeds the TensorRT profile's max length "
-                f"{self.max_length}; load with trt_max_length={max_length}"
+                f"{self.max_length}; load with TensorrtEpOptions(limits=ProfileLimits("
+                f"max_length={max_length}))"
             )
 
 
-def tower_profile(tower_name: str, tower: TowerManifest, limits: ProfileLimits) -> Profile:
-    """(min, opt, max) shape of every graph input of the tower."""
-    if tower_name == "text":
-        longest = min(limits.max_length, int(tower.extra["max_length"]))
-        shapes = ([1, 1], [limits.opt_batch, limits.opt_length], [limits.max_batch, longest])
-        return {spec.name: shapes for spec in tower.inputs}
-    size = int(tower.extra["image_size"])
-    return {
-        "pixel_values": (
-            [1, 3, size, size],
-            [limits.opt_batch, 3, size, size],
-            [limits.max_batch, 3, size, size],
-        )
+def tower_profile(tower: TowerManifest, limits: ProfileLimits) -> Profile:
+    """(min, opt, max) shape of every graph input: symbolic axes vary, fixed ones stay."""
+    ranges = {
+        "batch": (1, limits.opt_batch, limits.max_batch),
+        "sequence": (
+            1,
+            limits.opt_length,
+            min(limits.max_length, int(tower.extra.get("max_length", limits.max_length))),
+        ),
     }
+    profile: Profile = {}
+    for spec in tower.inputs:
+        shapes: list[Shape] = [[], [], []]
+        for axis in spec.shape:
+            for position in range(3):
+                shapes[position].append(
+                    ranges[axis][position] if isinstance(axis, str) else int(axis)
+                )
+        profile[spec.name] = (shapes[0], shapes[1], shapes[2])
+    return profile

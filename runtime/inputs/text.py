@@ -1,4 +1,4 @@
-"""Text tokenisation for the text tower, equal to the official `encode_text` tokenizer call.
+"""Text inputs for the text tower, equal to the official `encode_text` tokenizer call.
 
 The official code calls the Hugging Face tokenizer with `padding=True, truncation=True,
 max_length=512`: template `<s> A </s>`, at most `max_length` tokens including the specials, and
@@ -6,45 +6,87 @@ right padding with `<pad>` to the longest item of the batch. Here the `tokenizer
 reconfigured after construction: truncation is done on the encoded ids (keeping the template's
 closing special tokens, as HF truncation does), so one shared instance is safe to use from many
 threads and each call may use its own `max_length`.
+
+A text far longer than `max_length` tokens can use is cut to a character budget before
+tokenising (a 10 MB string then costs what a 512-token text costs). The budget keeps enough
+characters for `max_length` tokens plus a margin (no vocabulary piece is longer than the
+longest token), cut at a space where there is one; if the cut text still yields too few tokens
+(e.g. characters the normaliser removes), the budget doubles until it does or the text ends.
+The tokens kept are therefore the ones the whole text gives.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from .errors import TextInputError
+
 MIN_MAX_LENGTH = 3
 MAX_MAX_LENGTH = 8192
+# Tokens kept beyond max_length before a cut text is trusted to tokenise like the whole text.
+CUT_MARGIN_TOKENS = 16
 
 
-def check_texts(texts: Sequence[str]) -> None:
-    """Reject non-string items up front, naming the index (the tokenizer's own error does not)."""
-    for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"item {index}: expected str, got {type(text).__name__}")
+def as_text_list(sentences: Any) -> tuple[list[Any], bool]:
+    """The caller's input as a list, and whether it was a single string.
+
+    The whole input must be a string or an iterable of items; each item is checked by
+    `check_text` so a bad one is reported by index without losing the others.
+    """
+    if isinstance(sentences, str):
+        return [sentences], True
+    if sentences is None or isinstance(sentences, (bytes, bytearray, int, float)):
+        raise TypeError(
+            f"expected a string or a list of strings, got {type(sentences).__name__}"
+            + (" (decode bytes to str first)" if isinstance(sentences, bytes | bytearray) else "")
+        )
+    try:
+        return list(sentences), False
+    except TypeError as exc:
+        raise TypeError(
+            f"expected a string or a list of strings, got {type(sentences).__name__}"
+        ) from exc
+
+
+def check_text(text: Any, index: int) -> str:
+    """A usable text, or a `TextInputError` naming the item and the reason."""
+    if not isinstance(text, str):
+        hint = " (decode bytes to str first)" if isinstance(text, bytes | bytearray) else ""
+        raise TextInputError(index, f"expected str, got {type(text).__name__}{hint}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TextInputError(
+            index,
+            f"not valid Unicode: lone surrogate {text[exc.start]!r} at character {exc.start}",
+        ) from None
+    return text
 
 
 def apply_instruction(texts: Sequence[str], instruction: str) -> list[str]:
     """Prepend a task instruction by plain string concatenation, as the official code does."""
-    check_texts(texts)
     return [instruction + text for text in texts]
 
 
-def check_max_length(max_length: int) -> None:
+def check_max_length(max_length: Any) -> int:
     """`max_length` counts the special tokens, so it must leave room for one content token."""
-    if isinstance(max_length, bool) or not isinstance(max_length, int):
+    if isinstance(max_length, bool) or not isinstance(max_length, int | np.integer):
         raise ValueError(f"max_length must be an int, got {type(max_length).__name__}")
     if not MIN_MAX_LENGTH <= max_length <= MAX_MAX_LENGTH:
         raise ValueError(
             f"max_length must be in [{MIN_MAX_LENGTH}, {MAX_MAX_LENGTH}], got {max_length}"
         )
+    return int(max_length)
 
 
 class TextTokenizer:
-    """Batch tokenizer producing padded `input_ids` and `attention_mask` (int64, [B, L])."""
+    """Batch tokenizer: token ids per text, truncated as the official tokenizer call does."""
 
     def __init__(self, tokenizer_file: str | os.PathLike[str], pad_token_id: int) -> None:
         self._tokenizer = Tokenizer.from_file(os.fspath(tokenizer_file))
@@ -68,31 +110,37 @@ class TextTokenizer:
                 return len(full) - start - len(bare)
         raise ValueError("tokenizer post-processor does not wrap the text in special tokens")
 
+    @functools.cached_property
+    def longest_token_chars(self) -> int:
+        """Characters in the vocabulary's longest piece: the most one token can cover."""
+        return max(len(piece) for piece in self._tokenizer.get_vocab())
+
+    def _cut(self, text: str, tokens: int) -> str:
+        """A prefix of `text` that surely holds `tokens` tokens unless the normaliser drops
+        characters: at most two margins more, ending at a space past the first margin if any."""
+        start = self.longest_token_chars * (tokens + CUT_MARGIN_TOKENS)
+        if len(text) <= start + self.longest_token_chars * CUT_MARGIN_TOKENS:
+            return text
+        cut = text[: start + self.longest_token_chars * CUT_MARGIN_TOKENS]
+        space = cut.rfind(" ", start)
+        return cut[:space] if space > 0 else cut
+
+    def _truncate(self, ids: list[int], max_length: int) -> list[int]:
+        if len(ids) <= max_length:
+            return ids
+        keep = max_length - self._suffix_length
+        return ids[:keep] + ids[len(ids) - self._suffix_length :]
+
     def tokenize(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
         """Token ids per text, `<s> ... </s>`, truncated to `max_length` tokens (no padding)."""
-        check_max_length(max_length)
-        check_texts(texts)
-        keep = max_length - self._suffix_length
-        rows = []
-        for encoding in self._encode_batch(list(texts)):
-            ids = encoding.ids
-            if len(ids) > max_length:
-                ids = ids[:keep] + ids[len(ids) - self._suffix_length :]
-            rows.append(ids)
-        return rows
-
-    def pad(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """Right-pad to the longest row: `input_ids` and `attention_mask`, int64 [B, L].
-
-        The mask is `input_ids != pad_token_id`, which is what the official model computes from
-        the ids (it ignores the tokenizer's own mask).
-        """
-        width = max((len(ids) for ids in rows), default=0)
-        input_ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
-        for row, ids in zip(input_ids, rows, strict=True):
-            row[: len(ids)] = ids
-        return input_ids, (input_ids != self.pad_token_id).astype(np.int64)
-
-    def encode(self, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
-        """Tokenise, truncate to `max_length` tokens and right-pad to the longest item."""
-        return self.pad(self.tokenize(texts, max_length))
+        max_length = check_max_length(max_length)
+        cut = [self._cut(text, max_length) for text in texts]
+        rows = [encoding.ids for encoding in self._encode_batch(cut)]
+        for index, text in enumerate(texts):
+            # A cut text must still give the margin beyond max_length; else widen the cut.
+            tokens = max_length
+            while len(cut[index]) < len(text) and len(rows[index]) < max_length + CUT_MARGIN_TOKENS:
+                tokens *= 2
+                cut[index] = self._cut(text, tokens)
+                rows[index] = self._tokenizer.encode(cut[index]).ids
+        return [self._truncate(ids, max_length) for ids in rows]

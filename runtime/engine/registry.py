@@ -1,0 +1,99 @@
+"""The backends by name: what each runs on, its options dataclass and how to open a session.
+
+Adding a backend is one module with a session class (see `session.TowerSession`) and an
+options dataclass, plus one `register(...)` line here. Session modules import their heavy
+libraries lazily, so this table costs nothing at `import clipedge`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..bundle.manifest import TowerManifest
+from . import onnxruntime_backend, openvino_backend
+from .session import TowerSession
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend.
+
+    `device` is the precision preference class its graphs are chosen for ("cpu", "gpu" or
+    "openvino", see `plan.PREFERENCE`); `fallback` is the backend used, with a warning, when
+    this one is asked for by name but not available (None: an error instead).
+    """
+
+    name: str
+    device: str
+    options_type: type
+    open: Callable[[Path, TowerManifest, Any, bool], TowerSession]
+    available: Callable[[], bool]
+    fallback: str | None = None
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> None:
+    BACKENDS[backend.name] = backend
+
+
+def backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {('auto', *BACKENDS)}")
+    return BACKENDS[name]
+
+
+def _onnxruntime(name: str) -> Callable[[Path, TowerManifest, Any, bool], TowerSession]:
+    def open_session(graph: Path, tower: TowerManifest, options: Any, quiet: bool):
+        return onnxruntime_backend.OrtSession(graph, name, options, tower, not quiet)
+
+    return open_session
+
+
+def _openvino(graph: Path, tower: TowerManifest, options: Any, quiet: bool) -> TowerSession:
+    return openvino_backend.OpenVinoSession(graph, options)
+
+
+register(
+    Backend(
+        "cpu",
+        "cpu",
+        onnxruntime_backend.OnnxruntimeOptions,
+        _onnxruntime("cpu"),
+        lambda: True,
+    )
+)
+register(
+    Backend(
+        "cuda",
+        "gpu",
+        onnxruntime_backend.OnnxruntimeOptions,
+        _onnxruntime("cuda"),
+        functools.partial(onnxruntime_backend.provider_available, "cuda"),
+        fallback="cpu",
+    )
+)
+register(
+    Backend(
+        "tensorrt",
+        "gpu",
+        onnxruntime_backend.TensorrtEpOptions,
+        _onnxruntime("tensorrt"),
+        functools.partial(onnxruntime_backend.provider_available, "tensorrt"),
+        fallback="cuda",
+    )
+)
+register(
+    Backend(
+        "openvino",
+        "openvino",
+        openvino_backend.OpenVinoOptions,
+        _openvino,
+        openvino_backend.openvino_installed,
+    )
+)
