@@ -246,3 +246,79 @@ def test_text_only_bundle_never_loads_vision(tiny_bundle, tmp_path):
     model = clipedge.load(tiny_bundle, backend="cpu")
     model.encode_text("a")
     assert list(model._sessions) == ["text"]
+
+
+def _flip_weight_exponents(graph: Path) -> None:
+    """Set the top exponent bit of every float of the largest initializer: the graph still
+    loads, its outputs turn NaN/Inf (a bit rot that only the checksums would see)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(graph))
+    largest = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+    values = numpy_helper.to_array(largest).astype(np.float32).copy()
+    values.view(np.uint32)[...] |= np.uint32(0x40000000)
+    largest.CopyFrom(numpy_helper.from_array(values, largest.name))
+    onnx.save(model, str(graph))
+
+
+def test_non_finite_output_names_the_item_and_the_remedy(tiny_bundle, tmp_path, reference):
+    bundle = copy_bundle(tiny_bundle, tmp_path)
+    _flip_weight_exponents(bundle / "text.onnx")
+    manifest = json.loads((bundle / "clipedge.json").read_text())
+    manifest["files"]["text.onnx"]["bytes"] = (bundle / "text.onnx").stat().st_size
+    (bundle / "clipedge.json").write_text(json.dumps(manifest))
+    model = clipedge.load(bundle, backend="cpu")
+    with pytest.raises(clipedge.NonFiniteEmbeddingError, match=r"item \d.*verify_checksums=True"):
+        model.encode_text(reference["texts"])
+    with pytest.raises(BundleError, match="sha256"):
+        clipedge.load(bundle, verify_checksums=True)
+
+
+def test_intact_bundle_passes_checksums_and_a_wrong_manifest_hash_does_not(tiny_bundle, tmp_path):
+    model = clipedge.load(tiny_bundle, backend="cpu", verify_checksums=True)
+    assert model.encode_text("a").shape == (64,)
+    bundle = copy_bundle(tiny_bundle, tmp_path)
+    manifest = json.loads((bundle / "clipedge.json").read_text())
+    manifest["files"]["tokenizer.json"]["sha256"] = "0" * 64
+    (bundle / "clipedge.json").write_text(json.dumps(manifest))
+    clipedge.load(bundle, backend="cpu")  # sizes only: loads
+    with pytest.raises(BundleError, match="tokenizer.json does not match its sha256"):
+        clipedge.load(bundle, backend="cpu", verify_checksums=True)
+
+
+@pytest.mark.parametrize("whole", [None, 42, b"bytes"])
+def test_wrong_kind_of_whole_input_is_a_clear_error(model, whole):
+    with pytest.raises(TypeError, match="expected a string or a list of strings"):
+        model.encode_text(whole)
+    if whole is not None and not isinstance(whole, bytes):
+        with pytest.raises(TypeError, match="expected an image or a list of images"):
+            model.encode_image(whole)
+    if whole is None:
+        with pytest.raises(TypeError, match="expected an image or a list of images"):
+            model.encode_image(None)
+
+
+def test_lone_surrogate_names_the_item(model):
+    with pytest.raises(TextInputError, match=r"item 1: not valid Unicode"):
+        model.encode_text(["fine", "bad \ud800 text"])
+
+
+def test_numpy_integer_options_are_accepted(model, reference):
+    out = model.encode_text(
+        reference["texts"],
+        truncate_dim=np.int64(32),
+        batch_size=np.int32(2),
+        max_length=np.int64(512),
+    )
+    close(out, "text_default_trunc32.npy")
+
+
+def test_per_item_errors_keep_the_other_items(model, reference, image_files):
+    prepared = model.prepare_texts(["a", None, "b\ud800", "c"])
+    assert [e is None for e in prepared.errors] == [True, False, False, True]
+    assert prepared.token_ids[1] is None and prepared.token_ids[3] is not None
+    images = model.prepare_images([image_files[0], b"junk", image_files[1]])
+    assert [e is None for e in images.errors] == [True, False, True]
+    assert images.errors[1].index == 1 and images.sizes[0] == (97, 61)
+    np.testing.assert_array_equal(images.pixels[1], 0.0)

@@ -153,3 +153,37 @@ def test_bad_batch_size_is_refused(batch_size):
     with pytest.raises(ValueError, match="batch_size"):
         check_batch_size(batch_size)
     assert check_batch_size(np.int64(4)) == 4
+
+
+def _long_texts() -> dict[str, str]:
+    """Texts far past 512 tokens, of the kinds a cut can get wrong."""
+    rng = np.random.default_rng(0)
+    words = ["cat", "sofa", "über", "naïve", "🙂", "Straße", "a", "fox", "—", "x" * 40]
+    latin = " ".join(rng.choice(words) for _ in range(20_000))
+    return {
+        "latin words": latin,
+        "no spaces (CJK)": "赤いソファに座っている猫の写真です" * 2_000,
+        "runs of spaces": "a   b    c " * 5_000,
+        "control characters the normaliser drops, then words": "\x00\x01\x02" * 40_000 + latin,
+        "one long word": "abc" * 100_000,
+        "trailing spaces": "word " * 4_000 + " " * 50_000,
+    }
+
+
+@pytest.mark.parametrize("max_length", [16, 512, 2048])
+@pytest.mark.parametrize("kind", list(_long_texts()))
+def test_cut_before_tokenising_keeps_the_whole_texts_tokens(tokenizer, kind, max_length):
+    text = _long_texts()[kind]
+    whole = tokenizer._tokenizer.encode(text).ids
+    expected = whole if len(whole) <= max_length else whole[: max_length - 1] + whole[-1:]
+    assert tokenizer.tokenize([text], max_length) == [expected]
+
+
+def test_huge_text_costs_what_a_long_text_costs(tokenizer):
+    import time
+
+    huge = "The quick brown fox jumps over the lazy dog. " * 230_000  # ~10 MB
+    start = time.perf_counter()
+    ids = tokenizer.tokenize([huge], 512)[0]
+    assert time.perf_counter() - start < 0.5  # whole: seconds and > 1 GB
+    assert len(ids) == 512 and ids[-1] == tokenizer.tokenize(["a"], 512)[0][-1]
