@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import shutil
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from machine import machine_info
 
 Feed = dict[str, np.ndarray]
 Runner = Callable[[Feed], np.ndarray]
@@ -319,42 +319,6 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- orchestration
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    flags = next(
-        (
-            line.split(":", 1)[1].split()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("flags")
-        ),
-        [],
-    )
-    versions = {}
-    for name in ("onnxruntime", "openvino", "nncf", "torch", "numpy"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            versions[name] = None
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "threads_used": threads,
-        "matrix_isa": sorted(
-            f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512_vnni", "avx_vnni"))
-        ),
-        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
-        "python": platform.python_version(),
-        "versions": versions,
-    }
 
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:

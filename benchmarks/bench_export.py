@@ -22,7 +22,6 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -39,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import psutil
+from machine import machine_info
 
 GB = 1e9
 POLL_S = 0.2
@@ -626,27 +626,10 @@ def time_variants(
 # --------------------------------------------------------------------------- report
 
 
-def machine_info() -> dict[str, Any]:
-    import onnxruntime as ort
+def torch_threads() -> int:
     import torch
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "logical_cpus": psutil.cpu_count(),
-        "ram_bytes": psutil.virtual_memory().total,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": ort.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
+    return torch.get_num_threads()
 
 
 def _cpus(value: float | None) -> str:
@@ -785,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     bundle = args.work / "bundle"
     results: dict[str, Any] = {
-        "machine": machine_info(),
+        "machine": machine_info(torch_threads()),
         "threads": args.threads,
         "checkpoint": str(args.checkpoint),
         "bundle": str(bundle),

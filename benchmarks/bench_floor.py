@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from machine import machine_info
 from onnx import TensorProto, helper
 
 CASES = {  # case -> (tower, input shapes)
@@ -151,7 +151,7 @@ def main() -> None:
         )
     if args.out:
         payload = {
-            "machine": platform.processor() or platform.machine(),
+            "machine": machine_info(args.threads),
             "threads": args.threads,
             "peak_ops_per_s": peaks,
             "cases": rows,

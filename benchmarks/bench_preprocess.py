@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -24,8 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import PIL
-import tokenizers
+from machine import machine_info
 from PIL import Image, ImageDraw, ImageFilter
 
 from clipedge.inputs.images import ImagePreprocessor, load_image, preprocess_images
@@ -215,15 +212,7 @@ def main() -> None:
         "images": image_rows,
         "text": text_rows,
         "tokenizer": str(args.tokenizer),
-        "environment": {
-            "machine": platform.machine(),
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "pillow": PIL.__version__,
-            "tokenizers": tokenizers.__version__,
-        },
+        "environment": machine_info(1, ("numpy", "PIL", "tokenizers")),
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
