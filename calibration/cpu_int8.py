@@ -26,18 +26,19 @@ Every form keeps the graph's inputs and outputs, so the runtime loads it like th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
+from .feeds import RowFeedReader
+from .graph_io import needs_external_data
 from .report import graph_bytes
 
 MODES = ("dynamic", "qdq_u8", "qoperator")
 # onnx protobufs cannot exceed 2 GB: larger graphs keep their weights in `<name>.data`.
-EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
 def weight_matmuls(path: Path) -> list[str]:
@@ -56,34 +57,6 @@ def weight_matmuls(path: Path) -> list[str]:
         for node in model.graph.node
         if node.op_type == "MatMul" and node.input[1] in constants
     ]
-
-
-class _FeedReader:
-    """onnxruntime CalibrationDataReader over a list of feeds, readable in ranges.
-
-    `set_range` lets quantize_static reduce each feed to tensor ranges before the next
-    ("CalibStridedMinMax"): onnxruntime records every MatMul's inputs and outputs, attention
-    maps included, and holding them for all feeds took either full-size tower past 21 GB.
-    """
-
-    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]) -> None:
-        # One row at a time: rows never interact in these towers, so min/max ranges are those
-        # of the batches, at a batch-size fraction of the memory.
-        self._feeds = [
-            {name: value[row : row + 1] for name, value in feed.items()}
-            for feed in feeds
-            for row in range(len(next(iter(feed.values()))))
-        ]
-        self._pending = iter(self._feeds)
-
-    def __len__(self) -> int:
-        return len(self._feeds)
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        self._pending = iter(self._feeds[start_index:end_index])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._pending, None)
 
 
 def quantize_cpu(
@@ -113,7 +86,7 @@ def quantize_cpu(
         raise ValueError("dst must differ from src: the fp32 graph is the accuracy reference")
     dst.parent.mkdir(parents=True, exist_ok=True)
     excluded = list(exclude_nodes)
-    external = graph_bytes(src) > EXTERNAL_DATA_BYTES
+    external = needs_external_data(graph_bytes(src))
     if mode == "dynamic":
         quantize_dynamic(
             src,
@@ -132,7 +105,7 @@ def quantize_cpu(
     quantize_static(
         src,
         dst,
-        _FeedReader(feeds),
+        RowFeedReader(feeds),
         quant_format=QuantFormat.QDQ if mode == "qdq_u8" else QuantFormat.QOperator,
         op_types_to_quantize=["MatMul"],
         nodes_to_quantize=weights,

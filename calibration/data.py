@@ -21,17 +21,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from clipedge.inputs.images import ImageInputError, load_image
 from clipedge.model import ClipEdgeModel
 from clipedge.stages import image_batches
 from clipedge.towers import tower_spec
 
+from .feeds import Feed
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-Feed = dict[str, np.ndarray]
 
 
 class CalibrationDataError(ValueError):

@@ -9,30 +9,27 @@ the fp32 -> fp16 -> fp32 Cast pairs that the converter leaves between neighbouri
 are removed (they would round fp32 tensors through fp16), and the nodes are put back in
 topological order (the converter appends its Casts at the end of the node list).
 
-`tensor_stats` / `find_overflow` run a graph with the finiteness and the largest magnitude of
-every intermediate float tensor as extra outputs, to prove a conversion clean on
+`find_overflow` runs a graph (through `tensor_stats`) with the finiteness and the largest
+magnitude of every intermediate float tensor as extra outputs, to prove a conversion clean on
 real inputs and to find which tensors of the fp32 graph leave fp16's range.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
-import onnxruntime as ort
-from onnx import TensorProto, helper
-from onnx.external_data_helper import load_external_data_for_model
+from onnx import TensorProto
 
 # `onnxruntime.transformers` puts its own directory on sys.path; import it as documented.
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 from onnxruntime.transformers.onnx_model import OnnxModel
 
 from .blocks import block_of
-from .data import Feed
+from .feeds import Feed
+from .graph_io import elem_types, load_typed, save_model
+from .tensor_stats import tensor_stats
 
 # Decided by measurement (1 - cosine to fp32, mean / max over calibration feeds; tiny model,
 # then the full-size random towers on 36 texts x 2 prompts and 18 photos):
@@ -49,9 +46,6 @@ from .data import Feed
 # extra fp16 rounding between the Add and an fp16 LayerNorm). The pooling head is kept fp32
 # separately (`keep_fp32_head`, see `head_nodes`).
 DEFAULT_FP32_OPS: tuple[str, ...] = ("LayerNormalization",)
-PROTOBUF_LIMIT = 2**31 - 1
-FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
-FP16_MAX = float(np.finfo(np.float16).max)
 
 
 def head_nodes(model: onnx.ModelProto) -> list[str]:
@@ -72,48 +66,6 @@ def head_nodes(model: onnx.ModelProto) -> list[str]:
     return [node.name for node in nodes[in_block[-1] + 1 :] if block_of(node) is None]
 
 
-def load_typed(path: Path, with_data: bool = True) -> onnx.ModelProto:
-    """A graph with inferred types for every tensor; shape inference runs before the weights
-    are read, so graphs over protobuf's 2 GB limit work too."""
-    model = onnx.load(str(path), load_external_data=False)
-    model = onnx.shape_inference.infer_shapes(model)
-    # The exporter also lists weights in value_info; the fp16 converter would retype those
-    # entries to fp16 even for weights it keeps fp32, and then cast fp32 weights "back".
-    weights = {t.name for t in model.graph.initializer}
-    for value in [v for v in model.graph.value_info if v.name in weights]:
-        model.graph.value_info.remove(value)
-    if with_data:
-        load_external_data_for_model(model, str(Path(path).parent))
-    return model
-
-
-def save_model(model: onnx.ModelProto, dst: Path) -> Path:
-    """Save inline, or with every weight in one `<name>.data` file when over 2 GB."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    data = dst.with_name(dst.name + ".data")
-    if data.exists():
-        os.remove(data)
-    external = model.ByteSize() > PROTOBUF_LIMIT - (64 << 20)
-    onnx.save_model(
-        model,
-        str(dst),
-        save_as_external_data=external,
-        all_tensors_to_one_file=True,
-        location=data.name,
-        size_threshold=1024,
-    )
-    return dst
-
-
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    graph = model.graph
-    types = {t.name: t.data_type for t in graph.initializer}
-    for value in [*graph.input, *graph.value_info, *graph.output]:
-        types[value.name] = value.type.tensor_type.elem_type
-    return types
-
-
 def _cast_to(node: onnx.NodeProto) -> int | None:
     return next((a.i for a in node.attribute if a.name == "to"), None)
 
@@ -125,7 +77,7 @@ def remove_cast_round_trips(model: onnx.ModelProto) -> int:
     gets one Cast straight to fp32. Returns the number of chains shortened.
     """
     graph = model.graph
-    types = _elem_types(model)
+    types = elem_types(model)
     producer = {out: node for node in graph.node for out in node.output}
     graph_outputs = {o.name for o in graph.output}
     graph_inputs = {i.name for i in graph.input}
@@ -208,104 +160,6 @@ def drop_repeated_nodes(model: onnx.ModelProto) -> int:
         del model.graph.node[:]
         model.graph.node.extend(kept)
     return dropped
-
-
-# Largest finite value of each float type a tensor can be declared with.
-FLOAT_LIMITS = {
-    TensorProto.FLOAT: float(np.finfo(np.float32).max),
-    TensorProto.FLOAT16: FP16_MAX,
-    TensorProto.BFLOAT16: 3.3895313892515355e38,
-}
-
-
-@dataclass(frozen=True)
-class TensorStats:
-    """One tensor over all feeds: whether it stayed finite, its largest |value| (inf when it
-    was not), and the largest finite value of the type the graph declares for it."""
-
-    finite: bool
-    max_abs: float
-    limit: float
-
-    @property
-    def overflows(self) -> bool:
-        return not self.finite or self.max_abs > self.limit
-
-
-def _instrument(model: onnx.ModelProto) -> dict[str, int]:
-    """Give every float graph input and intermediate tensor two scalar outputs: the sum and
-    the max of |x|. The sum is NaN or inf exactly when the tensor holds a NaN or inf.
-
-    The nodes go right after the producer, so that a priority-based execution order reduces
-    and frees each tensor at once (measured: 12 chained 256 MB tensors peak at 0.56 GB,
-    3.4 GB otherwise). Returns the instrumented tensors with their declared element types.
-    """
-    graph = model.graph
-    types = _elem_types(model)
-    weights = {t.name for t in graph.initializer}
-    names: dict[str, int] = {}
-
-    def reductions(name: str) -> list[onnx.NodeProto]:
-        if not name or name in weights or types.get(name) not in FLOAT_TYPES:
-            return []
-        stem = f"_stats_{len(names)}"
-        names[name] = types[name]
-        value, cast = name, []
-        if types[name] != TensorProto.FLOAT:
-            value = stem + "_f32"
-            cast = [helper.make_node("Cast", [name], [value], to=TensorProto.FLOAT)]
-        for out in ("_sum", "_max"):
-            graph.output.append(helper.make_tensor_value_info(stem + out, TensorProto.FLOAT, []))
-        return [
-            *cast,
-            helper.make_node("Abs", [value], [stem + "_abs"]),
-            helper.make_node("ReduceSum", [stem + "_abs"], [stem + "_sum"], keepdims=0),
-            helper.make_node("ReduceMax", [stem + "_abs"], [stem + "_max"], keepdims=0),
-        ]
-
-    nodes = [n for value in graph.input for n in reductions(value.name)]
-    for node in graph.node:
-        nodes += [node, *(n for name in node.output for n in reductions(name))]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return names
-
-
-def tensor_stats(graph: Path, feeds: Sequence[Feed]) -> dict[str, TensorStats]:
-    """Finiteness and largest magnitude of every float tensor but the weights over `feeds`.
-
-    The graph is instrumented on a copy in memory (the file is untouched): each tensor gets
-    two scalar reductions, so memory stays near that of a normal run instead of holding every
-    intermediate (the full-size vision tower's attention maps alone would take > 10 GB).
-    Graph optimisations are off so that every tensor the graph names is computed as written.
-    """
-    graph = Path(graph)
-    model = load_typed(graph, with_data=False)
-    names = _instrument(model)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    # The default order runs the reductions last and keeps every tensor alive until then.
-    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-    # External weights are read from beside the original graph, not copied.
-    options.add_session_config_entry(
-        "session.model_external_initializers_file_folder_path", str(graph.parent.resolve())
-    )
-    session = ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    del model
-    outputs = [o.name for o in session.get_outputs()]
-    finite = np.ones(len(names), dtype=bool)
-    maxima = np.zeros(len(names))
-    for feed in feeds:
-        values = dict(zip(outputs, session.run(None, feed), strict=True))
-        for i in range(len(names)):
-            finite[i] &= bool(np.isfinite(values[f"_stats_{i}_sum"]))
-            maxima[i] = max(maxima[i], float(values[f"_stats_{i}_max"]))
-    return {
-        name: TensorStats(bool(finite[i]), float(maxima[i]), FLOAT_LIMITS[dtype])
-        for i, (name, dtype) in enumerate(names.items())
-    }
 
 
 def find_overflow(graph: Path, feeds: Sequence[Feed]) -> list[str]:

@@ -55,7 +55,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import (
-    CalibrationDataReader,
     CalibrationMethod,
     QuantFormat,
     QuantType,
@@ -65,8 +64,10 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.transformers.onnx_model import OnnxModel
 
-from .data import Feed
-from .fp16 import head_nodes, save_model, tensor_stats
+from .feeds import Feed, RowFeedReader
+from .fp16 import head_nodes
+from .graph_io import save_model
+from .tensor_stats import tensor_stats
 
 log = logging.getLogger(__name__)
 
@@ -76,33 +77,6 @@ METHODS = {
     "percentile": CalibrationMethod.Percentile,
 }
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
-
-
-class FeedReader(CalibrationDataReader):
-    """Calibration feeds one sample at a time.
-
-    Histogram calibrators (entropy, percentile) keep every calibrated tensor of one
-    `get_next` in memory until it is folded into the histograms; one full-size image's
-    attention maps are already ~5 GB, so batches are split into single rows, and `set_range`
-    lets `quantize_static` fold them in one by one (`CalibStridedMinMax`).
-    """
-
-    def __init__(self, feeds: Iterable[Feed]) -> None:
-        self.rows = [
-            {name: value[i : i + 1] for name, value in feed.items()}
-            for feed in feeds
-            for i in range(len(next(iter(feed.values()))))
-        ]
-        self.set_range(0, len(self.rows))
-
-    def get_next(self) -> Feed | None:
-        return next(self._rows, None)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        self._rows = iter(self.rows[start_index:end_index])
 
 
 def _embedding_gathers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -295,7 +269,7 @@ def quantize_qdq(
         if method == "max":
             cache = save_max_ranges(prepared, feeds, Path(tmp) / "ranges.json")
         else:
-            reader = FeedReader(feeds)
+            reader = RowFeedReader(feeds)
         staged = Path(tmp) / "quantized.onnx"
         # The histogram calibrators print their progress; keep it out of the caller's output.
         with contextlib.redirect_stdout(io.StringIO()):

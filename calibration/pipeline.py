@@ -20,7 +20,8 @@ import clipedge
 from clipedge.bundle.manifest import GraphEntry, describe_files, read_manifest
 
 from .blocks import nodes_by_block
-from .data import CalibrationSet, Feed, tower_feeds
+from .data import CalibrationSet, tower_feeds
+from .feeds import Feed
 from .precisions import PRECISIONS
 from .report import (
     TowerAccuracy,

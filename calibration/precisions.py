@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import Feed
+from .feeds import Feed
 from .search import Converter
 
 

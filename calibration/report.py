@@ -22,7 +22,7 @@ from clipedge.engine.session import TowerSession
 from clipedge.postprocess import pool
 from clipedge.towers import tower_spec
 
-from .data import Feed
+from .feeds import Feed
 
 REPORT_NAME = "accuracy_report.json"
 RANDOM_WEIGHTS_NOTE = (

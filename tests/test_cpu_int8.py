@@ -12,9 +12,10 @@ import onnxruntime as ort
 import pytest
 
 import clipedge
-from clipedge.calibration import cpu_int8
+from clipedge.calibration import cpu_int8, graph_io
 from clipedge.calibration.cpu_int8 import quantize_cpu, weight_matmuls
 from clipedge.calibration.data import image_feeds, text_feeds
+from clipedge.calibration.feeds import RowFeedReader
 
 from conftest import FIXTURE
 
@@ -132,7 +133,7 @@ def test_excluded_nodes_stay_float(tiny_bundle, feeds, tmp_path, mode):
 
 def test_large_graphs_keep_weights_external(tiny_bundle, tmp_path, monkeypatch):
     # The full-size text tower (2.2 GB) cannot be one protobuf: pretend the tiny one is large.
-    monkeypatch.setattr(cpu_int8, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(graph_io, "PROTOBUF_LIMIT", 0)
     dst = quantize_cpu(tiny_bundle / "text.onnx", tmp_path / "text.onnx", "dynamic")
     assert (tmp_path / "text.onnx.data").stat().st_size > dst.stat().st_size
     ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
@@ -181,7 +182,7 @@ def test_openvino_int8_keeps_cosine_and_float_attention(tiny_bundle, feeds, tmp_
 
 def test_calibration_reader_yields_single_rows_in_ranges():
     feeds = [{"x": np.arange(6).reshape(3, 2)}, {"x": np.arange(4).reshape(2, 2) + 10}]
-    reader = cpu_int8._FeedReader(feeds)
+    reader = RowFeedReader(feeds)
     assert len(reader) == 5
     rows = [reader.get_next() for _ in range(5)]
     assert all(row["x"].shape == (1, 2) for row in rows) and reader.get_next() is None

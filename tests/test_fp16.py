@@ -11,17 +11,18 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import clipedge
-from clipedge.calibration import fp16
+from clipedge.calibration import fp16, graph_io
+from clipedge.calibration import tensor_stats as stats_module
 from clipedge.calibration.data import CalibrationSet, tower_feeds
 from clipedge.calibration.fp16 import (
     DEFAULT_FP32_OPS,
     convert_to_fp16,
     find_overflow,
     head_nodes,
-    load_typed,
-    tensor_stats,
 )
+from clipedge.calibration.graph_io import load_typed
 from clipedge.calibration.report import cosine_stats, cpu_session, pooled_embeddings
+from clipedge.calibration.tensor_stats import tensor_stats
 
 from conftest import FIXTURE
 
@@ -100,7 +101,7 @@ def test_chosen_ops_and_pooling_head_stay_fp32(converted, tiny_bundle, tower):
     assert head
     by_name = {n.name: n for n in model.graph.node}
     for name in head:
-        floats = [o for o in by_name[name].output if types[o] in fp16.FLOAT_TYPES]
+        floats = [o for o in by_name[name].output if types[o] in stats_module.FLOAT_TYPES]
         assert all(types[o] == TensorProto.FLOAT for o in floats), name
     # Everything else that is float is fp16 (the graph really is converted).
     fp16_outputs = [
@@ -171,7 +172,7 @@ def test_find_overflow_reports_the_tensors_that_overflow_fp16(tmp_path):
     # never stores inf, so the check compares with the declared fp16 range; `y` is fp32.
     assert find_overflow(graph, [small, large]) == ["scaled", "scaled_twice"]
     stats = tensor_stats(graph, [small, large])
-    assert stats["x16"] == fp16.TensorStats(finite=True, max_abs=300.0, limit=65504.0)
+    assert stats["x16"] == stats_module.TensorStats(finite=True, max_abs=300.0, limit=65504.0)
     assert stats["scaled"].max_abs == 90000.0 and stats["scaled"].overflows
     assert not stats["y"].overflows
 
@@ -189,7 +190,7 @@ def test_find_overflow_reports_inf_and_nan(tmp_path, bad):
 
 def test_tensor_stats_show_fp32_tensors_beyond_fp16_range(tmp_path):
     model = onnx.load(str(_scaling_graph(tmp_path / "mul.onnx", 300.0)))
-    fp32 = fp16.save_model(
+    fp32 = graph_io.save_model(
         helper.make_model(
             helper.make_graph(
                 [helper.make_node("Mul", ["x", "factor"], ["y"])],
@@ -203,7 +204,7 @@ def test_tensor_stats_show_fp32_tensors_beyond_fp16_range(tmp_path):
         tmp_path / "fp32.onnx",
     )
     stats = tensor_stats(fp32, [{"x": np.full((1, 4), 300.0, dtype=np.float32)}])
-    assert stats["y"].max_abs == 90000.0 > fp16.FP16_MAX
+    assert stats["y"].max_abs == 90000.0 > stats_module.FP16_MAX
     assert not stats["y"].overflows  # fp32 holds it; the fp16 conversion would not
 
 
@@ -212,7 +213,7 @@ def test_large_graphs_are_saved_with_one_external_data_file(
 ):
     """Graphs over protobuf's limit (lowered here) keep weights in `<name>.data`; the
     overflow check reads them from beside the graph without copying."""
-    monkeypatch.setattr(fp16, "PROTOBUF_LIMIT", (64 << 20) + 1024)
+    monkeypatch.setattr(graph_io, "PROTOBUF_LIMIT", (64 << 20) + 1024)
     dst = convert_to_fp16(tiny_bundle / "text.onnx", tmp_path / "text.fp16.onnx")
     data = tmp_path / "text.fp16.onnx.data"
     assert data.is_file() and data.stat().st_size > dst.stat().st_size

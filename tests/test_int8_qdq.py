@@ -13,9 +13,9 @@ from onnxruntime.quantization import CalibrationMethod, create_calibrator, load_
 
 import clipedge
 from clipedge.calibration.data import CalibrationSet, tower_feeds
+from clipedge.calibration.feeds import RowFeedReader
 from clipedge.calibration.fp16 import head_nodes
 from clipedge.calibration.int8_qdq import (
-    FeedReader,
     attention_matmuls,
     quantize_embedding_rows,
     quantize_qdq,
@@ -229,7 +229,7 @@ def test_feed_reader_yields_single_rows_and_honours_ranges():
         {"x": np.arange(6, dtype=np.float32).reshape(3, 2)},
         {"x": np.arange(4, dtype=np.float32).reshape(2, 2)},
     ]
-    reader = FeedReader(feeds)
+    reader = RowFeedReader(feeds)
     assert len(reader) == 5
     rows = list(iter(reader.get_next, None))
     assert [r["x"].shape for r in rows] == [(1, 2)] * 5
@@ -253,7 +253,7 @@ def test_max_ranges_equal_onnxruntime_minmax_calibrator(tiny_bundle, feeds, tmp_
         calibrate_method=CalibrationMethod.MinMax,
         extra_options={"symmetric": True},
     )
-    calibrator.collect_data(FeedReader(feeds["vision", False]))
+    calibrator.collect_data(RowFeedReader(feeds["vision", False]))
     theirs = calibrator.compute_data()
     assert len(theirs.data) > 20
     for name, data in theirs.data.items():
