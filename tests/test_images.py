@@ -8,6 +8,8 @@ import http.server
 import io
 import json
 import struct
+import subprocess
+import sys
 import threading
 import zlib
 from collections.abc import Callable, Iterator
@@ -17,8 +19,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
+from clipedge.inputs import images as images_module
 from clipedge.inputs.images import (
     PILLOW_BLOCKS_CACHED,
     ImageInputError,
@@ -129,6 +132,154 @@ def test_split_pass_resize_equals_plain_resize_then_crop():
                 reference_resize_crop(image, target),
                 err_msg=f"{width}x{height} -> {target}",
             )
+
+
+def strip_shapes(size: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Awkward (width, height) pairs with the short side below `size`, both orientations."""
+    fixed = [(1, 2), (1, 9), (1, 30), (2, 3), (3, 1001), (7, 400), (size - 1, size)]
+    fixed += [(size - 1, size + 1), (size - 2, size - 1), (size - 1, 4 * size + 3)]
+    fixed += [(size // 2, size), (size // 3, 3 * size + 1), (1, 4 * size + 1)]
+    fixed += [tuple(int(v) for v in rng.integers(1, size, 2)) for _ in range(12)]
+    fixed += [(int(s), int(s * rng.uniform(1, 30)) + 1) for s in rng.integers(1, size, 12)]
+    shapes = fixed + [(height, width) for width, height in fixed]
+    # The plain reference resizes the whole strip: keep it affordable.
+    return [(w, h) for w, h in shapes if size * size * max(w, h) / min(w, h) < 8e6]
+
+
+@pytest.fixture()
+def strip_calls(monkeypatch) -> list[tuple]:
+    """Records each use of the kept-rows/columns path."""
+    calls: list[tuple] = []
+    strip = images_module._resize_strip
+    monkeypatch.setattr(
+        images_module, "_resize_strip", lambda *args: calls.append(args[1:]) or strip(*args)
+    )
+    return calls
+
+
+def test_strip_path_equals_plain_resize_then_crop(monkeypatch, strip_calls):
+    """The kept-rows/columns path, forced on every shape it handles, equals PIL bit for bit."""
+    monkeypatch.setattr(images_module, "FULL_RESIZE_MAX_ASPECT", 0)
+    rng = np.random.default_rng(11)
+    cases = 0
+    for target in (16, 64, 512):
+        preprocessor = ImagePreprocessor(target, CLIP_MEAN, CLIP_STD)
+        for width, height in strip_shapes(target, rng):
+            image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+            np.testing.assert_array_equal(
+                preprocessor.resize_and_crop(image),
+                reference_resize_crop(image, target),
+                err_msg=f"{width}x{height} -> {target}",
+            )
+            cases += 1
+    gray = Image.fromarray(rng.integers(0, 256, (3, 700), dtype=np.uint8))
+    for image in (gray, gray.transpose(Image.Transpose.TRANSPOSE)):
+        np.testing.assert_array_equal(
+            ImagePreprocessor(16, CLIP_MEAN, CLIP_STD).resize_and_crop(image),
+            reference_resize_crop(image, 16),
+        )
+    assert len(strip_calls) == cases + 2 and cases > 120
+
+
+@pytest.mark.parametrize("shape", [(3, 100_001), (100_001, 3), (1, 200_000), (7, 30_011)])
+def test_strip_path_far_from_the_origin(shape, strip_calls):
+    """Long strips: crop offsets of 10^5..10^6 resized lines, where float rounding would show."""
+    width, height = shape
+    rng = np.random.default_rng(width + height)
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    preprocessor = ImagePreprocessor(16, CLIP_MEAN, CLIP_STD)
+    np.testing.assert_array_equal(
+        preprocessor.resize_and_crop(image), reference_resize_crop(image, 16)
+    )
+    assert len(strip_calls) == 1
+
+
+PEAK_RSS_CHILD = """
+import io, json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+import numpy as np
+from PIL import Image
+from clipedge.inputs.images import ImagePreprocessor, load_image, preprocess_images
+width, height = int(sys.argv[1]), int(sys.argv[2])
+buffer = io.BytesIO()
+Image.new("RGB", (width, height), (200, 30, 90)).save(buffer, "PNG")
+preprocessor = ImagePreprocessor(512, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+warm = preprocessor(load_image(np.zeros((8, 8, 3), np.uint8), 0))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    pixels = preprocess_images([buffer.getvalue()], preprocessor)
+    result = "ok" if pixels.shape == (1, 3, 512, 512) else str(pixels.shape)
+except BaseException as exc:
+    result = repr(exc)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"result": result, "grown_mb": (after - before) / 1024}))
+"""
+
+
+def peak_rss_growth(width: int, height: int) -> dict[str, Any]:
+    """Peak-RSS growth (MB) of decoding and preprocessing one PNG, in a fresh process."""
+    run = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS_CHILD, str(width), str(height)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB on Linux")
+def test_strips_cost_about_what_a_square_costs():
+    """1 x 800000 and 800000 x 1 PNGs (a few KB): Pillow's own resize wants GBs for these."""
+    square = peak_rss_growth(512, 512)
+    assert square["result"] == "ok"
+    for width, height in [(1, 800_000), (800_000, 1), (1, 100_000), (100_000, 1)]:
+        strip = peak_rss_growth(width, height)
+        assert strip["result"] == "ok", (width, height, strip)
+        # The decoded strip alone is 3.2 MB; a 512x512 costs a few MB.
+        assert strip["grown_mb"] < square["grown_mb"] + 40, (width, height, strip, square)
+
+
+def test_max_pixels_none_means_no_clipedge_limit(monkeypatch):
+    data = IMAGE_FILES[3].read_bytes()
+    assert load_image(data, 0, max_pixels=None).size == (1024, 768)
+    assert load_image(np.zeros((5, 7, 3), np.uint8), 0, max_pixels=None).size == (7, 5)
+    # Pillow's decompression-bomb guard still applies.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(ImageInputError, match="item 2: image too large"):
+        load_image(data, 2, max_pixels=None)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "100", True])
+def test_bad_max_pixels_is_a_value_error(bad):
+    with pytest.raises(ValueError, match="max_pixels must be a positive int or None") as info:
+        load_image(IMAGE_FILES[0].read_bytes(), 0, max_pixels=bad)
+    assert not isinstance(info.value, ImageInputError)
+
+
+def test_memory_errors_become_image_input_errors(preprocessor, monkeypatch):
+    good = str(IMAGE_FILES[0])
+    original = ImagePreprocessor.resize_and_crop
+
+    def resize_and_crop(self, image):
+        if image.size == (1024, 768):
+            raise MemoryError
+        return original(self, image)
+
+    monkeypatch.setattr(ImagePreprocessor, "resize_and_crop", resize_and_crop)
+    items = [good, str(IMAGE_FILES[3])]
+    pixels, errors = preprocess_images_collect(items, preprocessor, first_index=10)
+    assert errors[0] is None
+    assert isinstance(errors[1], ImageInputError) and errors[1].index == 11
+    assert "not enough memory to resize the 1024x768 image" in str(errors[1])
+    assert not pixels[1].any()
+
+    def no_memory(self):
+        raise MemoryError
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_memory)
+    with pytest.raises(ImageInputError, match="item 4: not enough memory to decode 1024x768"):
+        load_image(IMAGE_FILES[3].read_bytes(), 4)
 
 
 def test_lookup_table_equals_float32_arithmetic(preprocessor):
