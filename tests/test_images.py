@@ -22,6 +22,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from clipedge.inputs import images as images_module
+from clipedge.inputs.fetch import UrlPolicy
 from clipedge.inputs.images import (
     PILLOW_BLOCKS_CACHED,
     ImageInputError,
@@ -408,13 +409,15 @@ def http_server() -> Iterator[str]:
 
 
 def test_urls_when_allowed(http_server, preprocessor):
-    load = functools.partial(load_image, allow_urls=True, url_timeout=5.0)
+    policy = UrlPolicy(allow_urls=True, allow_private=True, timeout=5.0)
+    load = functools.partial(load_image, url_policy=policy)
     pixels = preprocess_images([f"{http_server}/img.png"], preprocessor, load=load)
     np.testing.assert_array_equal(pixels[0], PIXEL_VALUES[0])
     with pytest.raises(ImageInputError, match="item 3: cannot fetch .*404"):
         load(f"{http_server}/nothing.png", 3)
-    with pytest.raises(ImageInputError, match="item 4: URL body exceeds max_url_bytes=100"):
-        load_image(f"{http_server}/img.png", 4, allow_urls=True, max_url_bytes=100)
+    small = UrlPolicy(allow_urls=True, allow_private=True, max_bytes=100)
+    with pytest.raises(ImageInputError, match="item 4: .*URL body exceeds max_url_bytes=100"):
+        load_image(f"{http_server}/img.png", 4, url_policy=small)
 
 
 def test_config_validation():

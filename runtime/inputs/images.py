@@ -15,7 +15,8 @@ shortest side (= PIL's antialiased bicubic, long side `int(size * long / short)`
 - Pillow keeps freed image buffers for reuse (see `cache_pillow_buffers`).
 
 Errors are `ImageInputError`s naming the item index, so a batch caller can report which input
-failed. EXIF orientation is not applied (the official pipeline does not either).
+failed. EXIF orientation is not applied (the official pipeline does not either). URLs are fetched
+by `clipedge.inputs.fetch` under a `UrlPolicy`.
 """
 
 from __future__ import annotations
@@ -35,11 +36,14 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
+# DEFAULT_MAX_URL_BYTES and DEFAULT_URL_TIMEOUT are re-exported for existing imports.
+from .fetch import DEFAULT_MAX_URL_BYTES as DEFAULT_MAX_URL_BYTES
+from .fetch import DEFAULT_URL_TIMEOUT as DEFAULT_URL_TIMEOUT
+from .fetch import UrlPolicy, fetch_url
+
 # Pillow's own warning threshold (about 9459 x 9459, 268 MB as decoded RGB). Pillow itself refuses
 # images above twice its threshold, so larger limits also need Image.MAX_IMAGE_PIXELS raised.
 DEFAULT_MAX_PIXELS = 89_478_485
-DEFAULT_MAX_URL_BYTES = 32 * 1024 * 1024
-DEFAULT_URL_TIMEOUT = 10.0
 # Enough for about four images in flight (decoded, resized, cropped and final buffers each).
 PILLOW_BLOCKS_CACHED = 16
 # Up to this resized long side (in multiples of `size`) a plain PIL resize is used; longer strips
@@ -54,6 +58,7 @@ ImageInput = (
 ImageLoader = Callable[[Any, int], Image.Image]
 
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_NO_URLS = UrlPolicy()
 
 
 class ImageInputError(ValueError):
@@ -69,22 +74,20 @@ def load_image(
     item: ImageInput,
     index: int,
     *,
-    allow_urls: bool = False,
-    url_timeout: float = DEFAULT_URL_TIMEOUT,
-    max_url_bytes: int = DEFAULT_MAX_URL_BYTES,
+    url_policy: UrlPolicy = _NO_URLS,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> Image.Image:
     """Decode one input to an RGB PIL image exactly as the official code does.
 
     Accepted: file paths (str or os.PathLike), encoded bytes, binary file objects, PIL images,
     uint8 NumPy arrays (HxW and HxWx1 as gray, HxWx3 RGB, HxWx4 RGBA), `data:image/...;base64,`
-    URIs and, only with `allow_urls=True`, http(s) URLs (`url_timeout` seconds per socket
-    operation, at most `max_url_bytes`). Images with more than `max_pixels` pixels are refused,
-    for encoded inputs from the header before decoding; `max_pixels=None` sets no clipedge
-    limit on input pixels, but Pillow's own decompression-bomb guard (`Image.MAX_IMAGE_PIXELS`,
-    refused above twice its value) still applies. RGB conversion is PIL's `convert("RGB")`:
-    alpha is dropped without compositing, gray is replicated, palette and CMYK are converted as
-    PIL does.
+    URIs and, only when `url_policy.allow_urls`, http(s) URLs (fetched by `fetch.fetch_url`:
+    public addresses only unless `allow_private`, one total deadline, a size cap). Images with
+    more than `max_pixels` pixels are refused, for encoded inputs from the header before
+    decoding; `max_pixels=None` sets no clipedge limit on input pixels, but Pillow's own
+    decompression-bomb guard (`Image.MAX_IMAGE_PIXELS`, refused above twice its value) still
+    applies. RGB conversion is PIL's `convert("RGB")`: alpha is dropped without compositing,
+    gray is replicated, palette and CMYK are converted as PIL does.
     """
     _check_max_pixels(max_pixels)
     if item is None:
@@ -96,7 +99,7 @@ def load_image(
         image = _image_from_array(item, index)
         _check_size(image.size, index, max_pixels)
         return _to_rgb(image, index)
-    source = _encoded_source(item, index, allow_urls, url_timeout, max_url_bytes)
+    source = _encoded_source(item, index, url_policy)
     try:
         opened = Image.open(source)
     except Image.DecompressionBombError as exc:
@@ -120,16 +123,14 @@ def _check_max_pixels(max_pixels: object) -> None:
         raise ValueError(f"max_pixels must be a positive int or None, got {max_pixels!r}")
 
 
-def _encoded_source(
-    item: Any, index: int, allow_urls: bool, url_timeout: float, max_url_bytes: int
-) -> str | BinaryIO:
+def _encoded_source(item: Any, index: int, url_policy: UrlPolicy) -> str | BinaryIO:
     """A path or binary stream for `Image.open`, from every input kind that holds encoded data."""
     if isinstance(item, (bytes, bytearray, memoryview)):
         return io.BytesIO(item)
     if isinstance(item, str) and item.startswith("data:"):
         return io.BytesIO(_data_uri_bytes(item, index))
     if isinstance(item, str) and _URL_SCHEME.match(item):
-        return io.BytesIO(_url_bytes(item, index, allow_urls, url_timeout, max_url_bytes))
+        return io.BytesIO(fetch_url(item, index, url_policy))
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         if not path.exists():
@@ -200,29 +201,6 @@ def _data_uri_bytes(uri: str, index: int) -> bytes:
         return base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ImageInputError(index, f"data URI payload is not valid base64: {exc}") from exc
-
-
-def _url_bytes(url: str, index: int, allow: bool, timeout: float, max_bytes: int) -> bytes:
-    scheme = url.split("://", 1)[0].lower()
-    if scheme not in ("http", "https"):
-        raise ImageInputError(index, f"unsupported URL scheme {scheme!r} (only http and https)")
-    if not allow:
-        raise ImageInputError(index, f"URL inputs are disabled (allow_urls=False): {url}")
-    # Imported here: urllib/http pull in the email package, ~30 ms of every `import clipedge`.
-    import http.client
-    import urllib.request
-
-    request = urllib.request.Request(url, headers={"User-Agent": "clipedge"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            declared = response.headers.get("Content-Length", "")
-            too_large = declared.isdigit() and int(declared) > max_bytes
-            data = b"" if too_large else response.read(max_bytes + 1)
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        raise ImageInputError(index, f"cannot fetch {url}: {exc}") from exc
-    if too_large or len(data) > max_bytes:
-        raise ImageInputError(index, f"URL body exceeds max_url_bytes={max_bytes}")
-    return data
 
 
 def cache_pillow_buffers(blocks: int = PILLOW_BLOCKS_CACHED) -> None:
@@ -398,8 +376,9 @@ def preprocess_images_collect(
     Returns the float32 [N, 3, S, S] batch and one entry per item: None, or the item's
     `ImageInputError` (its row is zeros). A MemoryError while loading or resizing becomes an
     `ImageInputError` naming `first_index + position` (pass the batch's offset in the
-    caller's list). `load` is e.g. `functools.partial(load_image, allow_urls=True)`, called
-    with (item, position); with an `executor` items run in parallel (Pillow releases the GIL).
+    caller's list). `load` is e.g. `functools.partial(load_image,
+    url_policy=UrlPolicy(allow_urls=True))`, called with (item, position); with an `executor`
+    items run in parallel (Pillow releases the GIL).
     """
     size = preprocessor.size
     pixels = np.empty((len(items), 3, size, size), dtype=np.float32)
