@@ -27,6 +27,7 @@ from .bundle.manifest import BundleError, Manifest, TowerManifest, read_manifest
 from .engine.plan import ExecutionPlan, plan_execution
 from .engine.registry import backend as get_backend
 from .engine.session import TowerSession
+from .inputs.fetch import UrlPolicy
 from .inputs.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_URL_BYTES,
@@ -97,6 +98,7 @@ class ClipEdgeModel:
         threads: int | None = None,
         allow_urls: bool = False,
         url_timeout: float = DEFAULT_URL_TIMEOUT,
+        allow_private_urls: bool = False,
         max_url_bytes: int = DEFAULT_MAX_URL_BYTES,
         max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
         preprocess_workers: int | None = None,
@@ -123,9 +125,12 @@ class ClipEdgeModel:
         if "vision" in self.manifest.towers:
             load = functools.partial(
                 load_image,
-                allow_urls=allow_urls,
-                url_timeout=url_timeout,
-                max_url_bytes=max_url_bytes,
+                url_policy=UrlPolicy(
+                    allow_urls=allow_urls,
+                    allow_private=allow_private_urls,
+                    timeout=url_timeout,
+                    max_bytes=max_url_bytes,
+                ),
                 max_pixels=max_image_pixels,
             )
             self.images = ImagePreparer(

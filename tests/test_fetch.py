@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from clipedge.inputs import fetch
@@ -307,3 +308,30 @@ def test_https_connects_to_the_checked_address_with_the_host_name(tls_port, netw
     finally:
         fetch._tls_context.cache_clear()
     assert set(network["connects"]) == {"127.0.0.1"}
+
+
+def test_load_passes_its_url_options_to_every_fetch(tiny_bundle, port):
+    """`clipedge.load`'s URL options reach the fetcher: off by default, loopback only with
+    allow_private_urls, the size cap and the deadline per fetch."""
+    import clipedge
+
+    url = f"http://127.0.0.1:{port}/img.png"
+    with pytest.raises(ImageInputError, match="item 0: URL inputs are disabled"):
+        clipedge.load(tiny_bundle, backend="cpu").encode_image([url])
+    public_only = clipedge.load(tiny_bundle, backend="cpu", allow_urls=True)
+    with pytest.raises(ImageInputError, match="item 0: .*(loopback|private)"):
+        public_only.encode_image([url])
+    local = clipedge.load(
+        tiny_bundle, backend="cpu", allow_urls=True, allow_private_urls=True, url_timeout=1.0
+    )
+    fetched = local.encode_image([url])
+    np.testing.assert_array_equal(fetched, local.encode_image([PAYLOAD]))
+    capped = clipedge.load(
+        tiny_bundle, backend="cpu", allow_urls=True, allow_private_urls=True, max_url_bytes=1000
+    )
+    with pytest.raises(ImageInputError, match="max_url_bytes=1000"):
+        capped.encode_image([f"http://127.0.0.1:{port}/stream"])
+    start = time.monotonic()
+    with pytest.raises(ImageInputError, match="item 1"):
+        local.encode_image([url, f"http://127.0.0.1:{port}/trickle-body"])
+    assert time.monotonic() - start < 3.0

@@ -14,3 +14,7 @@ class InputError(ValueError):
 
 class TextInputError(InputError):
     """A text input could not be used."""
+
+
+class ImageInputError(InputError):
+    """An image input could not be used (decoding, size, fetching)."""

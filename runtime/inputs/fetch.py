@@ -27,6 +27,8 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import ImageInputError
+
 DEFAULT_MAX_URL_BYTES = 32 * 1024 * 1024
 DEFAULT_URL_TIMEOUT = 10.0
 MAX_REDIRECTS = 5
@@ -68,9 +70,6 @@ class _Refused(Exception):
 
 def fetch_url(url: str, index: int, policy: UrlPolicy) -> bytes:
     """The body of an http(s) URL under `policy`; raises `ImageInputError(index, reason)`."""
-    # Imported here: images.py imports this module for UrlPolicy.
-    from .images import ImageInputError
-
     try:
         return _fetch(url, policy)
     except _Refused as exc:

@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 # DEFAULT_MAX_URL_BYTES and DEFAULT_URL_TIMEOUT are re-exported for existing imports.
+from .errors import ImageInputError
 from .fetch import DEFAULT_MAX_URL_BYTES as DEFAULT_MAX_URL_BYTES
 from .fetch import DEFAULT_URL_TIMEOUT as DEFAULT_URL_TIMEOUT
 from .fetch import UrlPolicy, fetch_url
@@ -59,15 +60,6 @@ ImageLoader = Callable[[Any, int], Image.Image]
 
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _NO_URLS = UrlPolicy()
-
-
-class ImageInputError(ValueError):
-    """An input image could not be used; the message names the item index and the reason."""
-
-    def __init__(self, index: int, reason: str) -> None:
-        super().__init__(f"item {index}: {reason}")
-        self.index = index
-        self.reason = reason
 
 
 def load_image(

@@ -129,7 +129,7 @@ class ImagePreparer:
             return image
 
         pixels, errors = preprocess_images_collect(
-            items, self.preprocessor, load=load, executor=self._pool()
+            items, self.preprocessor, load=load, executor=self._pool(), first_index=offset
         )
         return PreparedImages(pixels, list(errors), sizes)
 
