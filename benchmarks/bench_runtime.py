@@ -6,7 +6,8 @@ Measured side by side in one run:
   as a share of the time inside it;
 - import time of `clipedge` (fresh interpreters, minus the interpreter's own start-up);
 - resident memory of a process that loaded the fp32 bundle and ran both towers, against the
-  graphs' bytes on disk.
+  graphs' bytes on disk;
+- the NaN/Inf check of the finish stage on each case's pooled output, against the model time.
 
 Usage: python benchmarks/bench_runtime.py --bundle DIR [--out results.json]
 """
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import machine_info
 from PIL import Image
 
 MEMORY_SCRIPT = """
@@ -79,11 +81,11 @@ def overhead(bundle: Path, jpeg: Path, repeats: int) -> dict:
     model = clipedge.load(bundle, backend="cpu", precision="fp32", threads=2)
     texts = ["A photo of a cat sitting on a red sofa near the window, in the morning."] * 8
     cases = {
-        "image (1x 1280x848 JPEG file)": ("vision", lambda: model.encode_image(str(jpeg))),
-        "text (8 strings)": ("text", lambda: model.encode_text(texts)),
+        "image (1x 1280x848 JPEG file)": ("vision", 1, lambda: model.encode_image(str(jpeg))),
+        "text (8 strings)": ("text", 8, lambda: model.encode_text(texts)),
     }
     results = {}
-    for name, (tower, call) in cases.items():
+    for name, (tower, rows, call) in cases.items():
         timed = model._sessions[tower] = TimedSession(model.session(tower))
         call()  # warm-up
         shares, walls, insides = [], [], []
@@ -99,8 +101,20 @@ def overhead(bundle: Path, jpeg: Path, repeats: int) -> dict:
             "end_to_end_ms": statistics.median(walls),
             "model_ms": statistics.median(insides),
             "overhead_share": statistics.median(shares),
+            "nan_check_ms": nan_check_ms(rows, model.manifest.embed_dim),
         }
     return results
+
+
+def nan_check_ms(rows: int, dim: int, repeats: int = 2000) -> float:
+    """Median time of the finish stage's non-finite check on a [rows, dim] pooled output."""
+    from clipedge.postprocess import nonfinite_rows
+
+    pooled = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float32)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        nonfinite_rows(pooled)
+    return (time.perf_counter() - start) / repeats * 1000
 
 
 def import_time(repeats: int = 7) -> float:
@@ -137,6 +151,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         jpeg = photo_jpeg(Path(tmp) / "photo.jpg")
         results = {
+            "machine": machine_info(2),
             "import_s": import_time(),
             "memory": memory(args.bundle, jpeg),
             "overhead": overhead(args.bundle, jpeg, args.repeats),
@@ -147,12 +162,13 @@ def main() -> None:
         f"loaded fp32 bundle: +{mem['rss_added_bytes'] / 1e9:.2f} GB RSS for "
         f"{mem['graph_bytes'] / 1e9:.2f} GB of graphs = {mem['ratio']:.2f}x (goal < 1.2x)"
     )
-    print("| case | end to end ms | model ms | overhead |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| case | end to end ms | model ms | overhead | NaN/Inf check |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for name, row in results["overhead"].items():
         print(
             f"| {name} | {row['end_to_end_ms']:.1f} | {row['model_ms']:.1f} | "
-            f"{row['overhead_share'] * 100:.1f}% |"
+            f"{row['overhead_share'] * 100:.2f}% | {row['nan_check_ms'] * 1000:.1f} us = "
+            f"{row['nan_check_ms'] / row['model_ms'] * 100:.4f}% |"
         )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
