@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("bundle", help="bundle directory written by clipedge export")
     _add_calibration_arguments(calibrate, required=True)
     calibrate.set_defaults(handler=_calibrate)
+    from .tensorrt_cli import add_commands as add_tensorrt_commands  # build-engine, verify
+
+    add_tensorrt_commands(commands)
     return parser
 
 

@@ -13,7 +13,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
-"$VENV/bin/python" -m pip install --quiet -e ".[export,openvino,nncf,dev]"
+"$VENV/bin/python" -m pip install --quiet -e ".[export,openvino,nncf,dev,tensorrt-test]"
 
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .

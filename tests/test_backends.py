@@ -15,6 +15,7 @@ from clipedge.engine import onnxruntime_backend, plan
 from clipedge.engine.onnxruntime_backend import tensorrt_provider_options
 from clipedge.engine.profiles import tower_profile
 from clipedge.engine.registry import BACKENDS
+from clipedge.engine.tensorrt_backend import TensorrtOptions
 
 from conftest import expected
 
@@ -39,6 +40,7 @@ def test_every_backend_is_registered_with_its_options():
     assert {name: b.options_type for name, b in BACKENDS.items()} == {
         "cpu": OnnxruntimeOptions,
         "cuda": OnnxruntimeOptions,
+        "tensorrt-native": TensorrtOptions,
         "tensorrt": TensorrtEpOptions,
         "openvino": OpenVinoOptions,
     }

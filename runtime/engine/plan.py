@@ -28,6 +28,9 @@ PREFERENCE = {
 }
 # `auto` takes the first available GPU backend; else OpenVINO for bundles built for it.
 AUTO_GPU_ORDER = ("tensorrt", "cuda")
+# `auto` and "tensorrt" run the bundle's native engines when every tower has one for this
+# machine (clipedge build-engine), else onnxruntime's TensorRT provider.
+NATIVE = "tensorrt-native"
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,9 @@ def prefers_openvino(towers_graphs: list[dict[str, GraphEntry]]) -> bool:
 def choose_backend(requested: str, manifest: Manifest) -> str:
     """The backend that will run: the one asked for (or its fallback, with a warning, when it
     is not available here), or for `auto` the fastest available for this bundle."""
+    if requested in ("auto", "tensorrt") and _native_runs(manifest):
+        log.info("backend %s: using the bundle's native TensorRT engines", requested)
+        return NATIVE
     if requested == "auto":
         for name in AUTO_GPU_ORDER:
             if get_backend(name).available():
@@ -126,6 +132,12 @@ def choose_backend(requested: str, manifest: Manifest) -> str:
     return chosen.name
 
 
+def _native_runs(manifest: Manifest) -> bool:
+    from .tensorrt_backend import bundle_engines_run_here
+
+    return bundle_engines_run_here(manifest)
+
+
 def plan_execution(
     manifest: Manifest, bundle_dir: Path, backend: str = "auto", precision: str | None = None
 ) -> ExecutionPlan:
@@ -134,7 +146,13 @@ def plan_execution(
     device = get_backend(name).device
     towers = {}
     for tower_name, tower in manifest.towers.items():
-        chosen = choose_precision(tower_name, tower.graphs, device, precision)
+        graphs = tower.graphs
+        if name == NATIVE and precision is None:  # only precisions with an engine here
+            from .tensorrt_backend import runnable
+
+            with_engines = runnable(manifest)[tower_name]
+            graphs = {p: g for p, g in graphs.items() if p in with_engines} or graphs
+        chosen = choose_precision(tower_name, graphs, device, precision)
         towers[tower_name] = TowerPlan(
             tower_name, chosen, Path(bundle_dir) / tower.graphs[chosen].file
         )

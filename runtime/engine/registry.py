@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bundle.manifest import TowerManifest
-from . import onnxruntime_backend, openvino_backend
+from . import onnxruntime_backend, openvino_backend, tensorrt_backend
 from .session import TowerSession
 
 
@@ -76,6 +76,17 @@ register(
         _onnxruntime("cuda"),
         functools.partial(onnxruntime_backend.provider_available, "cuda"),
         fallback="cpu",
+    )
+)
+# Native engines built into the bundle (clipedge build-engine); else onnxruntime's TensorRT.
+register(
+    Backend(
+        "tensorrt-native",
+        "gpu",
+        tensorrt_backend.TensorrtOptions,
+        tensorrt_backend.open_session,
+        tensorrt_backend.available,
+        fallback="tensorrt",
     )
 )
 register(
