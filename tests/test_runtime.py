@@ -322,3 +322,34 @@ def test_per_item_errors_keep_the_other_items(model, reference, image_files):
     assert [e is None for e in images.errors] == [True, False, True]
     assert images.errors[1].index == 1 and images.sizes[0] == (97, 61)
     np.testing.assert_array_equal(images.pixels[1], 0.0)
+
+
+def test_manifest_tower_keys_are_checked(tiny_bundle, tmp_path):
+    bundle = copy_bundle(tiny_bundle, tmp_path)
+    manifest = json.loads((bundle / "clipedge.json").read_text())
+    del manifest["towers"]["text"]["pad_token_id"]
+    (bundle / "clipedge.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="the text tower lacks pad_token_id"):
+        clipedge.load(bundle)
+    manifest["towers"]["audio"] = manifest["towers"].pop("text")
+    (bundle / "clipedge.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="unknown tower 'audio'"):
+        clipedge.load(bundle)
+
+
+def test_pooling_follows_the_manifest(tiny_token_states_bundle, tmp_path, reference):
+    """Token-state graphs are pooled as the manifest's `pooling` says: the text tower switched
+    from `mean` to `cls` returns the first token's state."""
+    bundle = copy_bundle(tiny_token_states_bundle, tmp_path)
+    manifest = json.loads((bundle / "clipedge.json").read_text())
+    assert manifest["towers"]["text"]["pooling"] == "mean"
+    manifest["towers"]["text"]["pooling"] = "cls"
+    (bundle / "clipedge.json").write_text(json.dumps(manifest))
+    model = clipedge.load(bundle, backend="cpu")
+    texts = reference["texts"]
+    batch = next(model.text_batches(model.prepare_texts(texts), len(texts)))
+    states = model.run("text", batch)
+    first = states[:, 0] / np.linalg.norm(states[:, 0], axis=1, keepdims=True)
+    out = model.encode_text(texts)
+    np.testing.assert_allclose(out[batch.items], first, atol=1e-6)
+    assert np.abs(out - expected("text_default_norm.npy")).max() > 1e-2

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..towers import TOWERS
+
 MANIFEST_NAME = "clipedge.json"
 FORMAT_NAME = "clipedge-bundle"
 FORMAT_VERSION = 1
@@ -193,9 +195,16 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
             f"reads up to {FORMAT_VERSION}); upgrade clipedge"
         )
     try:
-        return Manifest.from_dict(data)
+        manifest = Manifest.from_dict(data)
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{path} is incomplete or malformed: {exc!r}") from exc
+    for name, tower in manifest.towers.items():
+        if name not in TOWERS:
+            raise BundleError(f"{path} has an unknown tower {name!r} (known: {', '.join(TOWERS)})")
+        missing = [key for key in TOWERS[name].manifest_keys if key not in tower.extra]
+        if missing:
+            raise BundleError(f"{path}: the {name} tower lacks {', '.join(missing)}")
+    return manifest
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
