@@ -419,3 +419,88 @@ def build_engines(
         report("[build-engine] the same build with trtexec / polygraphy:\n" + result.command)
         results.append(result)
     return results
+
+
+# ----- ahead-of-time engines for onnxruntime's TensorRT provider (EPContext) ---------------
+
+
+def ep_context_provider_options(
+    profiles: list[EngineProfile], context_path: Path, cache_dir: Path
+) -> dict[str, str]:
+    """onnxruntime TensorRT EP options that build every profile and dump an EPContext graph.
+
+    Every dynamic input is in every profile option (the provider otherwise builds the missing
+    ones for the first shape it sees and rebuilds later); several profiles repeat the input
+    name, as the provider's documentation describes. `trt_ep_context_embed_mode` 0 keeps the
+    engine in its own file beside the context graph.
+    """
+
+    def shapes(position: int) -> str:
+        return ",".join(
+            f"{name}:{'x'.join(str(d) for d in triple[position])}"
+            for profile in profiles
+            for name, triple in profile.shapes.items()
+        )
+
+    return {
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": str(cache_dir),
+        "trt_profile_min_shapes": shapes(0),
+        "trt_profile_opt_shapes": shapes(1),
+        "trt_profile_max_shapes": shapes(2),
+        "trt_dump_ep_context_model": "True",
+        "trt_ep_context_file_path": str(context_path),
+        "trt_ep_context_embed_mode": "0",
+    }
+
+
+def build_ep_context(
+    bundle_dir: str | os.PathLike[str],
+    tower_name: str,
+    precision: str = "fp16",
+    profiles: str | None = None,
+    report: Callable[[str], None] = print,
+) -> Path:
+    """Build the tower's engines with onnxruntime's TensorRT provider and write the EPContext
+    graph (`<graph>.ep_context.onnx`, the engine beside it) into the bundle, so a user can ship
+    pre-built engines with the ONNX graphs. Needs a GPU, onnxruntime-gpu and TensorRT."""
+    import onnxruntime as ort
+
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    tower = manifest.towers[tower_name]
+    if precision not in tower.graphs:
+        raise BundleError(f"the bundle has no {precision} {tower_name} graph")
+    graph = bundle_dir / tower.graphs[precision].file
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        raise BuilderUnavailable("onnxruntime's TensorRT provider is not in this onnxruntime")
+    engine_profiles = tower_profiles(tower, parse_profiles(profiles, tower_name), tower_name)
+    context = graph.with_name(graph.stem + ".ep_context.onnx")
+    options = ep_context_provider_options(engine_profiles, context, bundle_dir)
+    started = time.perf_counter()
+    session = ort.InferenceSession(str(graph), providers=[("TensorrtExecutionProvider", options)])
+    if session.get_providers()[0] != "TensorrtExecutionProvider" or not context.is_file():
+        raise BuilderUnavailable(
+            f"onnxruntime's TensorRT provider did not start or wrote no {context.name}"
+        )
+    entries = [e for e in tower.extra.get("tensorrt_ep_context", []) if e["file"] != context.name]
+    entries.append(
+        {
+            "file": context.name,
+            "precision": precision,
+            "graph": graph.name,
+            "graph_sha256": manifest.files.get(graph.name, {}).get("sha256"),
+            "profiles": [p.to_dict() for p in engine_profiles],
+            "onnxruntime": ort.__version__,
+            "platform": current_platform(),
+        }
+    )
+    tower.extra["tensorrt_ep_context"] = entries
+    manifest.save(bundle_dir)
+    report(
+        f"[build-engine] {context.name}: EPContext graph for onnxruntime's TensorRT provider "
+        f"({time.perf_counter() - started:.1f} s); load it with that provider"
+    )
+    return context

@@ -8,7 +8,7 @@ import argparse
 def _build_engine(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from clipedge.bundle.manifest import BundleError
+    from clipedge.bundle.manifest import BundleError, read_manifest
     from clipedge.export.tensorrt_build import BuilderUnavailable, BuildOptions, build_engines
 
     options = BuildOptions(
@@ -24,6 +24,12 @@ def _build_engine(args: argparse.Namespace) -> int:
     )
     towers = [args.tower] if args.tower else None
     try:
+        if args.ep_context:
+            from clipedge.export.tensorrt_build import build_ep_context
+
+            for tower in towers or read_manifest(args.bundle).towers:
+                build_ep_context(args.bundle, tower, args.precision, args.profiles)
+            return 0
         build_engines(args.bundle, towers, options)
     except (BundleError, BuilderUnavailable, ValueError) as exc:
         print(f"[build-engine] error: {exc}")
@@ -81,6 +87,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--keep-graph",
         action="store_true",
         help="keep the TensorRT-only int8 copy (<graph>.trt.onnx) for trtexec / polygraphy",
+    )
+    build.add_argument(
+        "--ep-context",
+        action="store_true",
+        help="instead: build with onnxruntime's TensorRT provider and write its EPContext "
+        "graph (ahead-of-time engines for that provider; needs a GPU)",
     )
     build.set_defaults(handler=_build_engine)
 

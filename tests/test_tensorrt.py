@@ -43,6 +43,7 @@ from clipedge.engine.tensorrt_engines import (
 from conftest import FIXTURE
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
+HAS_CUDA_EP = "TensorrtExecutionProvider" in __import__("onnxruntime").get_available_providers()
 needs_rtx = pytest.mark.skipif(not HAS_RTX, reason="needs tensorrt-rtx-cu13 (the [dev] install)")
 
 
@@ -460,3 +461,43 @@ def test_verify_runs_what_this_machine_has(calibrated_bundle, capsys):
     out = capsys.readouterr().out
     assert "alone/batch" in out and "text   cpu" in out
     assert main(["verify", str(calibrated_bundle.parent / "missing")]) == 1
+
+
+# ----- EPContext (onnxruntime's TensorRT provider, ahead of time) ---------------------------
+
+
+def test_ep_context_options_put_every_dynamic_input_in_every_profile(tiny_bundle, tmp_path):
+    from clipedge.export.tensorrt_build import ep_context_provider_options
+
+    profiles = _profiles(tiny_bundle)
+    options = ep_context_provider_options(profiles, tmp_path / "ctx.onnx", tmp_path)
+    assert options["trt_dump_ep_context_model"] == "True"
+    assert options["trt_ep_context_file_path"] == str(tmp_path / "ctx.onnx")
+    for key in ("min", "opt", "max"):
+        entries = options[f"trt_profile_{key}_shapes"].split(",")
+        assert len(entries) == 2 * len(profiles)  # input_ids and attention_mask, per profile
+        assert entries[0].startswith("input_ids:") and entries[1].startswith("attention_mask:")
+    assert options["trt_profile_max_shapes"].split(",")[-1] == "attention_mask:8x2048"
+
+
+@pytest.mark.skipif(
+    not HAS_CUDA_EP, reason="EPContext needs onnxruntime-gpu with TensorRT and a GPU"
+)
+def test_ep_context_graph_is_written(tiny_bundle, tmp_path):
+    from clipedge.export.tensorrt_build import build_ep_context
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    context = build_ep_context(bundle, "vision", "fp32", "8", report=lambda line: None)
+    assert context.is_file()
+    graph = onnx.load(str(context))
+    assert {n.op_type for n in graph.graph.node} == {"EPContext"}
+
+
+def test_ep_context_without_the_provider_is_a_clear_error(tiny_bundle, tmp_path, capsys):
+    if HAS_CUDA_EP:
+        pytest.skip("this onnxruntime has the TensorRT provider")
+    from clipedge.cli import main
+
+    assert main(["build-engine", str(tiny_bundle), "--ep-context", "--precision", "fp32"]) == 1
+    assert "TensorRT provider is not in this onnxruntime" in capsys.readouterr().out

@@ -332,6 +332,9 @@ class TensorrtSession:
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
+        if entry.version_compatible and hasattr(self._runtime, "engine_host_code_allowed"):
+            # a version-compatible engine carries its own lean runtime (host code)
+            self._runtime.engine_host_code_allowed = True
         self._engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if self._engine is None:
             raise BundleError(
