@@ -43,3 +43,13 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_token_states_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Export with --token-states: graphs return last_hidden_state, the runtime pools."""
     return _export(tmp_path_factory, "bundle_token_states", token_states=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Compiled-model caches go to a temporary folder, never the user's ~/.cache."""
+    import os
+
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["CLIPEDGE_CACHE_DIR"] = str(path)
+    return path

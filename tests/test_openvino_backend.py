@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -126,11 +127,11 @@ def test_outputs_are_not_overwritten_by_later_calls(tiny_bundle, feeds):
 def test_cache_dir_is_filled_and_reused(tiny_bundle, feeds, tmp_path):
     options = OpenVinoOptions(cache_dir=tmp_path / "cache")
     first = OpenVinoSession(tiny_bundle / "vision.onnx", options).run(feeds["vision"][0])
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*")}
     assert stamps
     second = OpenVinoSession(tiny_bundle / "vision.onnx", options).run(feeds["vision"][0])
     # Imported, not compiled and written again.
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == stamps
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*")} == stamps
     np.testing.assert_array_equal(first, second)
 
 
@@ -161,3 +162,35 @@ def test_load_with_openvino_backend_matches_official(tiny_bundle, reference):
     out = model.encode_text(reference["texts"])
     assert np.abs(out - expected("text_default_norm.npy")).max() <= 1e-4
     assert model.session("text").provider.startswith("OpenVINO")
+
+
+@NEEDS_OPENVINO
+def test_compiled_models_are_cached_per_user_by_default(tiny_bundle, feeds, private_cache_dir):
+    """Default: `$CLIPEDGE_CACHE_DIR/openvino/<version>/<bundle hash>`, filled by the first
+    session and imported (not rewritten) by the next; `cache=False` writes nothing."""
+    from clipedge.engine.openvino_backend import default_cache_dir
+
+    folder = default_cache_dir(tiny_bundle / "vision.onnx", openvino.get_version())
+    assert folder.parent.parent == private_cache_dir / "openvino"
+    first = OpenVinoSession(tiny_bundle / "vision.onnx").run(feeds["vision"][0])
+    stamps = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+    assert stamps
+    second = OpenVinoSession(tiny_bundle / "vision.onnx").run(feeds["vision"][0])
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == stamps
+    np.testing.assert_array_equal(first, second)
+    OpenVinoSession(tiny_bundle / "text.onnx", OpenVinoOptions(cache=False))
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == stamps
+
+
+@NEEDS_OPENVINO
+def test_cache_keeps_each_inference_precision_apart(tiny_bundle, feeds, tmp_path):
+    """OpenVINO's own cache key ignores the inference precision: with one shared folder a bf16
+    session imported the f32 blob and returned NaN. Each config gets its own folder."""
+    cached = OpenVinoOptions(cache_dir=tmp_path, inference_precision="f32")
+    OpenVinoSession(tiny_bundle / "text.onnx", cached).run(feeds["text"][0])
+    bf16 = dataclasses.replace(cached, inference_precision="bf16")
+    got = OpenVinoSession(tiny_bundle / "text.onnx", bf16).run(feeds["text"][0])
+    fresh = dataclasses.replace(bf16, cache=False)
+    want = OpenVinoSession(tiny_bundle / "text.onnx", fresh).run(feeds["text"][0])
+    np.testing.assert_array_equal(got, want)
+    assert len(list(tmp_path.iterdir())) == 2

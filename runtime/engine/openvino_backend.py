@@ -8,6 +8,9 @@ only when this backend is used.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +20,8 @@ import numpy as np
 
 from ..bundle.manifest import BundleError
 
+log = logging.getLogger(__name__)
+
 INSTALL_HINT = "pip install 'clipedge[openvino]'"
 PRECISIONS = ("bf16", "f32")
 
@@ -24,18 +29,46 @@ PRECISIONS = ("bf16", "f32")
 @dataclass(frozen=True)
 class OpenVinoOptions:
     """OpenVINO settings: `inference_precision` for float graphs ("bf16" or "f32"; int8 IR
-    runs its int8 parts either way), `threads` (None: all cores), `cache_dir` for compiled
-    models (a restart imports instead of compiling), `properties` raw OpenVINO properties that
-    win over these."""
+    runs its int8 parts either way), `threads` (None: all cores), `cache` of compiled models
+    (a restart imports instead of compiling: seconds -> well under one) in `cache_dir`
+    (None: `default_cache_dir` for the graph), `properties` raw OpenVINO properties that win
+    over these."""
 
     threads: int | None = None
     inference_precision: str = "bf16"
+    cache: bool = True
     cache_dir: Path | None = None
     properties: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.inference_precision not in PRECISIONS:
             raise ValueError(f"inference_precision must be one of {PRECISIONS}")
+
+
+def config_key(config: dict[str, str]) -> str:
+    """A short stable name for a compile config."""
+    text = ";".join(f"{k}={v}" for k, v in sorted(config.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def default_cache_dir(graph: Path, openvino_version: str) -> Path:
+    """Per-user folder for one bundle's compiled models: `$CLIPEDGE_CACHE_DIR`, else
+    `$XDG_CACHE_HOME/clipedge` (default `~/.cache/clipedge`), then `openvino/<OpenVINO
+    version>/<bundle hash>`. The bundle hash is that of its manifest, which lists every file's
+    sha256 (a graph outside a bundle: its path, size and time instead), so a changed bundle
+    or OpenVINO never meets a stale blob, and old ones can be deleted by folder."""
+    root = os.environ.get("CLIPEDGE_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "clipedge"
+    )
+    manifest = graph.parent / "clipedge.json"
+    if manifest.is_file():
+        key = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    else:
+        stat = graph.stat()
+        key = hashlib.sha256(f"{graph.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        key = key.hexdigest()
+    version = openvino_version.split("-")[0]
+    return Path(root) / "openvino" / version / key[:16]
 
 
 def openvino_installed() -> bool:
@@ -82,9 +115,17 @@ class OpenVinoSession:
         ov = import_openvino()
         config = compile_config(options.inference_precision, options.threads, options.properties)
         core = ov.Core()
-        if options.cache_dir is not None:
-            Path(options.cache_dir).mkdir(parents=True, exist_ok=True)
-            core.set_property({"CACHE_DIR": str(options.cache_dir)})
+        if options.cache:
+            root = options.cache_dir or default_cache_dir(Path(graph), ov.get_version())
+            # OpenVINO 2026.4's CPU cache key leaves out INFERENCE_PRECISION_HINT: a bf16
+            # compile imported the f32 blob of the same graph and returned wrong values and
+            # NaN (measured). One folder per compile config keeps them apart.
+            cache = Path(root) / config_key(config)
+            try:
+                Path(cache).mkdir(parents=True, exist_ok=True)
+                core.set_property({"CACHE_DIR": str(cache)})
+            except OSError as exc:  # a read-only home: compile every time, say why once
+                log.warning("OpenVINO model cache off: cannot create %s: %s", cache, exc)
         try:
             # A path (not a read model) lets OpenVINO skip reading the graph on a cache hit.
             self._compiled = core.compile_model(str(graph), device, config)
