@@ -10,6 +10,7 @@ import torch
 
 from clipedge import __version__
 from clipedge.bundle.manifest import GraphEntry, Manifest, TensorSpec, TowerManifest, describe_files
+from clipedge.towers import tower_spec
 
 from .config import ClipConfig
 from .onnx_export import ExportedGraph
@@ -40,13 +41,12 @@ def _tower_manifest(graph: ExportedGraph, cfg: ClipConfig) -> TowerManifest:
             "default_max_length": DEFAULT_MAX_LENGTH,
             "max_length": MAX_LENGTH,
         }
-        pooling = "mean"
     else:
         size = cfg.vision.image_size
         inputs = [TensorSpec("pixel_values", "float32", ["batch", 3, size, size])]
         token_shape = ["batch", cfg.vision.grid_size**2 + 1, dim]
         extra = {"image_size": size, "preprocessor": PREPROCESSOR_FILE}
-        pooling = "cls"
+    spec = tower_spec(graph.tower)
     shape = ["batch", dim] if pooled else token_shape
     entry = GraphEntry(
         file=graph.path.name,
@@ -58,7 +58,7 @@ def _tower_manifest(graph: ExportedGraph, cfg: ClipConfig) -> TowerManifest:
         inputs=inputs,
         outputs=[TensorSpec(graph.output_names[0], "float32", shape)],
         output="pooled" if pooled else "token_states",
-        pooling=pooling,
+        pooling=spec.pooling,
         extra=extra,
     )
 

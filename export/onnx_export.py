@@ -18,6 +18,8 @@ from pathlib import Path
 import onnx
 import torch
 
+from clipedge.towers import tower_spec
+
 from .config import ClipConfig
 from .graph_check import GraphReport, check_graph
 
@@ -42,10 +44,9 @@ class ExportedGraph:
 
 
 def tower_io(tower: str, pooled: bool) -> tuple[list[str], list[str]]:
-    """Input and output names of a tower's graph."""
-    if tower == "text":
-        return ["input_ids", "attention_mask"], ["text_embeds" if pooled else "last_hidden_state"]
-    return ["pixel_values"], ["image_embeds" if pooled else "last_hidden_state"]
+    """Input and output names of a tower's graph, from the tower table."""
+    spec = tower_spec(tower)
+    return list(spec.inputs), [spec.output_name(pooled)]
 
 
 def sample_inputs(tower: str, cfg: ClipConfig) -> tuple[torch.Tensor, ...]:
@@ -77,12 +78,14 @@ def export_tower(
     """Trace `module` and write `<tower>.onnx` (plus `<tower>.onnx.data` when > 2 GB)."""
     pooled = bool(getattr(module, "pooled", True))
     input_names, output_names = tower_io(tower, pooled)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    if tower == "text":
-        length = torch.export.Dim("sequence", min=1, max=cfg.text.max_position_embeddings)
-        dynamic = {name: {0: batch, 1: length} for name in input_names}
-    else:
-        dynamic = {"pixel_values": {0: batch}}
+    axes = {
+        "batch": torch.export.Dim("batch", min=1, max=4096),
+        "sequence": torch.export.Dim("sequence", min=1, max=cfg.text.max_position_embeddings),
+    }
+    dynamic = {
+        name: {i: axes[axis] for i, axis in enumerate(tower_spec(tower).dynamic_axes)}
+        for name in input_names
+    }
     # The exporter prints progress and version warnings meant for its own developers.
     chatter = io.StringIO()
     with (

@@ -8,6 +8,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from clipedge.postprocess import pool, truncate_and_normalize
+from clipedge.towers import tower_spec
+
 from .config import ClipConfig
 from .onnx_export import ExportedGraph
 
@@ -44,17 +47,8 @@ def verification_inputs(tower: str, cfg: ClipConfig, seed: int = 0) -> dict[str,
     return {"pixel_values": rng.standard_normal((2, 3, size, size)).astype(np.float32)}
 
 
-def _pool(values: np.ndarray, tower: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    if values.ndim == 2:
-        return values
-    if tower == "vision":
-        return values[:, 0]
-    mask = inputs["attention_mask"].astype(np.float32)[..., None]
-    return (values * mask).sum(1) / mask.sum(1)
-
-
 def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+    return truncate_and_normalize(x)
 
 
 def verify_graph(module: torch.nn.Module, graph: ExportedGraph, cfg: ClipConfig) -> Verification:
@@ -65,7 +59,8 @@ def verify_graph(module: torch.nn.Module, graph: ExportedGraph, cfg: ClipConfig)
     session = ort.InferenceSession(str(graph.path), options, providers=["CPUExecutionProvider"])
     actual = session.run(None, inputs)[0]
     del session
-    expected, actual = _pool(expected, graph.tower, inputs), _pool(actual, graph.tower, inputs)
+    pooling = tower_spec(graph.tower).pooling
+    expected, actual = pool(expected, pooling, inputs), pool(actual, pooling, inputs)
     cosine = (_normalise(expected) * _normalise(actual)).sum(-1)
     return Verification(
         tower=graph.tower,
