@@ -28,6 +28,18 @@ log = logging.getLogger(__name__)
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 DEFAULT_OPSET = 18
+# Opsets exported and verified in onnxruntime here (torch 2.13, onnx 1.23, onnxruntime 1.32):
+# 17 is LayerNormalization's first (the exporter writes 18 and converts down); 18+ directly.
+MIN_OPSET, MAX_OPSET = 17, 24
+
+
+def check_opset(opset: object) -> int:
+    """The opset as an int in the supported range, or a ValueError before any work."""
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset must be an int from {MIN_OPSET} to {MAX_OPSET}, got {opset!r}")
+    return opset
+
+
 PROTOBUF_LIMIT = 2**31 - 1
 # Shapes used only to trace; the exported axes are symbolic.
 TRACE_BATCH, TRACE_LENGTH = 2, 16

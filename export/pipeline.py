@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import gc
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from clipedge.bundle.manifest import Manifest
 
 from .bundle_writer import copy_support_files, write_manifest
-from .onnx_export import DEFAULT_OPSET, ExportedGraph, export_tower
+from .onnx_export import DEFAULT_OPSET, ExportedGraph, check_opset, export_tower
 from .source import resolve_source
 from .verify import Verification, verify_graph
 from .weights import load_towers
@@ -42,13 +44,54 @@ def export_bundle(
     token_states: bool = False,
     revision: str | None = None,
     report: Callable[[str], None] = print,
+    overwrite: bool = False,
 ) -> ExportResult:
-    """Export the requested towers of `source` into `bundle_dir` and verify them."""
+    """Export the requested towers of `source` into `bundle_dir` and verify them.
+
+    The bundle is written into a temporary folder beside `bundle_dir` and moved into place
+    only when complete, so a failed export leaves nothing behind; an existing non-empty
+    `bundle_dir` is refused unless `overwrite`, which replaces it whole (no stale graphs).
+    """
     unknown = [t for t in towers if t not in TOWERS]
     if unknown or not towers:
         raise ValueError(f"towers must be a non-empty subset of {TOWERS}, got {list(towers)}")
+    check_opset(opset)
     bundle_dir = Path(bundle_dir)
-    bundle_dir.mkdir(parents=True, exist_ok=True)
+    if bundle_dir.exists() and not bundle_dir.is_dir():
+        raise ValueError(f"{bundle_dir} exists and is not a directory")
+    if bundle_dir.is_dir() and any(bundle_dir.iterdir()) and not overwrite:
+        raise ValueError(
+            f"{bundle_dir} is not empty; pass --overwrite (overwrite=True) to replace it"
+        )
+    bundle_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.", dir=bundle_dir.parent))
+    try:
+        result = _export_into(staging, source, towers, opset, token_states, revision, report)
+        if bundle_dir.exists():
+            shutil.rmtree(bundle_dir)
+        staging.rename(bundle_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    graphs = [
+        replace(
+            g,
+            path=bundle_dir / g.path.name,
+            external_data=bundle_dir / g.external_data.name if g.external_data else None,
+        )
+        for g in result.graphs
+    ]
+    return ExportResult(bundle_dir, result.manifest, graphs, result.verifications)
+
+
+def _export_into(
+    bundle_dir: Path,
+    source: str,
+    towers: Sequence[str],
+    opset: int,
+    token_states: bool,
+    revision: str | None,
+    report: Callable[[str], None],
+) -> ExportResult:
     report(f"[load] resolving checkpoint {source}")
     checkpoint = resolve_source(source, revision)
     store = checkpoint.open_tensors()

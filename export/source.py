@@ -45,7 +45,8 @@ def resolve_source(source: str, revision: str | None = None) -> CheckpointSource
     if path.exists():
         if not path.is_dir():
             raise SourceError(f"{path} is not a directory in the Hugging Face layout")
-        origin = {"kind": "local", "path": str(path.resolve())}
+        # The folder's name, not the exporting machine's path; the hashes identify it.
+        origin = {"kind": "local", "name": path.resolve().name}
         directory = path
     else:
         directory, origin = _download(source, revision)

@@ -12,7 +12,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
+# PyTorch's CPU wheel index gives the CPU build on any Linux machine (the default index would
+# bring the multi-gigabyte CUDA build there); machines that see only a package mirror fall back
+# to the default index within seconds.
+"$VENV/bin/python" -m pip install --quiet --timeout 15 --retries 0 \
+    --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" 2>/dev/null \
+  || "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
 "$VENV/bin/python" -m pip install --quiet -e ".[export,openvino,nncf,dev,tensorrt-test]"
 
 "$VENV/bin/ruff" check .

@@ -1,0 +1,59 @@
+"""The `export` command: checkpoint -> bundle (and, with --precisions, calibration)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from clipedge.calibration.cli import add_calibration_arguments, calibrate
+
+
+def export(args: argparse.Namespace) -> int:
+    from .pipeline import export_bundle
+
+    towers = [t.strip() for t in args.towers.split(",") if t.strip()]
+    try:
+        result = export_bundle(
+            args.source,
+            args.output,
+            towers=towers,
+            opset=args.opset,
+            token_states=args.token_states,
+            revision=args.revision,
+            overwrite=args.overwrite,
+            report=lambda line: print(line, flush=True),
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"clipedge export failed: {exc}", file=sys.stderr)
+        return 1
+    if not result.ok:
+        failed = [v.tower for v in result.verifications if not v.ok]
+        print(f"verification FAILED for: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    print(f"bundle written to {result.bundle_dir}")
+    if args.precisions:
+        return calibrate(args, result.bundle_dir)
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "export", help="export a jina-clip-v2 checkpoint into a bundle of per-tower ONNX graphs"
+    )
+    parser.add_argument("source", help="local checkpoint directory or hub id (jinaai/jina-clip-v2)")
+    parser.add_argument("-o", "--output", required=True, help="bundle directory to write")
+    parser.add_argument("--towers", default="text,vision", help="comma list: text,vision")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 to 24 (default 18)")
+    parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    parser.add_argument(
+        "--token-states",
+        action="store_true",
+        help="output last_hidden_state instead of the pooled embedding (runtime pools)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing bundle in OUTPUT (its old files are removed)",
+    )
+    add_calibration_arguments(parser, required=False)
+    parser.set_defaults(handler=export)
