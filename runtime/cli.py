@@ -20,6 +20,7 @@ COMMANDS: dict[str, str | None] = {
     "clipedge.export.cli": "export",
     "clipedge.calibration.cli": "export",
     "clipedge.tensorrt_cli": "tensorrt",
+    "clipedge.serve.cli": "serve",
 }
 
 

@@ -110,6 +110,10 @@ class TextTokenizer:
                 return len(full) - start - len(bare)
         raise ValueError("tokenizer post-processor does not wrap the text in special tokens")
 
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size()
+
     @functools.cached_property
     def longest_token_chars(self) -> int:
         """Characters in the vocabulary's longest piece: the most one token can cover."""
@@ -133,6 +137,13 @@ class TextTokenizer:
 
     def tokenize(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
         """Token ids per text, `<s> ... </s>`, truncated to `max_length` tokens (no padding)."""
+        return self.tokenize_with_flags(texts, max_length)[0]
+
+    def tokenize_with_flags(
+        self, texts: Sequence[str], max_length: int
+    ) -> tuple[list[list[int]], list[bool]]:
+        """`tokenize`, and per text whether truncation dropped tokens (a server may refuse
+        those instead of embedding a cut text)."""
         max_length = check_max_length(max_length)
         cut = [self._cut(text, max_length) for text in texts]
         rows = [encoding.ids for encoding in self._encode_batch(cut)]
@@ -143,4 +154,5 @@ class TextTokenizer:
                 tokens *= 2
                 cut[index] = self._cut(text, tokens)
                 rows[index] = self._tokenizer.encode(cut[index]).ids
-        return [self._truncate(ids, max_length) for ids in rows]
+        truncated = [len(ids) > max_length for ids in rows]
+        return [self._truncate(ids, max_length) for ids in rows], truncated

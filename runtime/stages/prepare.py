@@ -23,10 +23,12 @@ from ..inputs.text import TextTokenizer, apply_instruction, check_max_length, ch
 
 @dataclass
 class PreparedTexts:
-    """Token ids per text (None where the item failed) and each item's error (or None)."""
+    """Token ids per text (None where the item failed), each item's error (or None) and
+    whether truncation to `max_length` dropped tokens."""
 
     token_ids: list[list[int] | None]
     errors: list[InputError | None]
+    truncated: list[bool]
 
     @property
     def token_counts(self) -> list[int]:
@@ -92,13 +94,15 @@ class TextPreparer:
                 errors[index] = exc
                 continue
             valid.append(index)
-        rows = self.tokenizer.tokenize(
+        rows, cut = self.tokenizer.tokenize_with_flags(
             apply_instruction([texts[i] for i in valid], prefix), max_length
         )
         token_ids: list[list[int] | None] = [None] * len(texts)
-        for index, ids in zip(valid, rows, strict=True):
+        truncated = [False] * len(texts)
+        for index, ids, was_cut in zip(valid, rows, cut, strict=True):
             token_ids[index] = ids
-        return PreparedTexts(token_ids, errors)
+            truncated[index] = was_cut
+        return PreparedTexts(token_ids, errors, truncated)
 
 
 class ImagePreparer:

@@ -1,0 +1,145 @@
+"""Dynamic batching per tower: items of many requests run together in one model thread.
+
+Each request's items arrive prepared (token ids, or preprocessed pixels). The tower's thread
+takes what is queued, up to `max_batch` items, waiting at most `max_wait` for more after the
+first; queued texts are run shortest-first in chunks so a batch pads little. A batch that
+fails is retried item by item, so one bad item fails only its own request. Results are the
+pooled, checked, not yet truncated vectors: each request truncates and normalises its own.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from clipedge.stages import FinishOptions, TowerBatch, image_feeds, text_feeds
+
+RAW = FinishOptions(truncate_dim=None, normalize=False)
+
+
+class QueueFull(Exception):
+    """The tower's queue cannot take the request's items now."""
+
+
+@dataclass
+class Work:
+    row: list[int] | np.ndarray
+    future: Future = field(default_factory=Future)
+    queued_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def length(self) -> int:
+        return len(self.row) if isinstance(self.row, list) else 0
+
+
+class TowerBatcher:
+    """One model thread for one tower; `submit` queues a request's rows and returns futures."""
+
+    def __init__(
+        self,
+        model,
+        tower: str,
+        max_batch: int,
+        max_wait_s: float,
+        max_queue: int,
+        observe: Callable[[str, int, float, float], None] = lambda *a: None,
+    ) -> None:
+        self.model = model
+        self.tower = tower
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self._observe = observe  # (tower, batch size, oldest queue wait, inference seconds)
+        self._queue: queue.Queue[Work | None] = queue.Queue()
+        self._admit = threading.Lock()
+        self.last_progress = time.monotonic()
+        self._pad = (
+            int(model.manifest.towers["text"].extra["pad_token_id"]) if tower == "text" else 0
+        )
+        self._thread = threading.Thread(target=self._loop, name=f"clipedge-{tower}", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def stalled(self, after_s: float) -> bool:
+        """Work is waiting and no batch finished for `after_s` seconds."""
+        return self.depth > 0 and time.monotonic() - self.last_progress > after_s
+
+    def submit(self, rows: list) -> list[Future]:
+        with self._admit:
+            if self.depth + len(rows) > self.max_queue:
+                raise QueueFull(f"the {self.tower} queue is full ({self.depth} items waiting)")
+            work = [Work(row) for row in rows]
+            for item in work:
+                self._queue.put(item)
+        return [item.future for item in work]
+
+    def close(self) -> None:
+        """Finish what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _take(self) -> tuple[list[Work], bool]:
+        first = self._queue.get()
+        if first is None:
+            return [], True
+        taken, stop = [first], False
+        deadline = time.monotonic() + self.max_wait_s
+        # Texts: take more than one batch when it is there, to group similar lengths.
+        limit = self.max_batch * (4 if self.tower == "text" else 1)
+        while len(taken) < limit:
+            timeout = deadline - time.monotonic()
+            try:
+                item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                stop = True
+                break
+            taken.append(item)
+        return taken, stop
+
+    def _loop(self) -> None:
+        while True:
+            taken, stop = self._take()
+            live = [w for w in taken if w.future.set_running_or_notify_cancel()]
+            live.sort(key=lambda w: w.length)
+            for start in range(0, len(live), self.max_batch):
+                self._run(live[start : start + self.max_batch])
+            self.last_progress = time.monotonic()
+            if stop:
+                return
+
+    def _feeds(self, work: list[Work]) -> dict[str, np.ndarray]:
+        if self.tower == "text":
+            return text_feeds([w.row for w in work], self._pad)
+        return image_feeds(np.stack([w.row for w in work]))
+
+    def _run(self, work: list[Work]) -> None:
+        started = time.monotonic()
+        try:
+            batch = TowerBatch(self._feeds(work), list(range(len(work))))
+            vectors = self.model.finish(self.tower, batch, self.model.run(self.tower, batch), RAW)
+        except Exception as exc:
+            if len(work) == 1:
+                work[0].future.set_exception(exc)
+                return
+            for item in work:  # alone, each item meets only its own failure
+                self._run([item])
+            return
+        self._observe(
+            self.tower,
+            len(work),
+            started - min(w.queued_at for w in work),
+            time.monotonic() - started,
+        )
+        for item, vector in zip(work, vectors, strict=True):
+            item.future.set_result(vector)

@@ -1,0 +1,40 @@
+"""The `serve` command: run the embedding service with uvicorn (needs the `serve` extra)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .settings import add_arguments, from_arguments
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    try:
+        settings = from_arguments(args)
+    except ValueError as exc:
+        print(f"clipedge serve: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger("clipedge").setLevel(logging.INFO)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        access_log=False,  # clipedge.serve.access logs one JSON line per request
+        timeout_graceful_shutdown=int(settings.request_timeout) + 5,
+        log_level="info",
+    )
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "serve", help="run an embedding service with the Jina and OpenAI embeddings APIs"
+    )
+    add_arguments(parser)
+    parser.set_defaults(handler=serve)
