@@ -2,7 +2,9 @@
 
 Each request's items arrive prepared (token ids, or preprocessed pixels). The tower's thread
 takes what is queued, up to `max_batch` items, waiting at most `max_wait` for more after the
-first; queued texts are run shortest-first in chunks so a batch pads little. A batch that
+first (default 0: nothing waits when the model is idle, and under load the requests that
+arrive while a batch runs form the next one); queued texts are run shortest-first in chunks
+so a batch pads little. A batch that
 fails is retried item by item, so one bad item fails only its own request. Results are the
 pooled, checked, not yet truncated vectors: each request truncates and normalises its own.
 """
@@ -94,7 +96,7 @@ class TowerBatcher:
         taken, stop = [first], False
         deadline = time.monotonic() + self.max_wait_s
         # Texts: take more than one batch when it is there, to group similar lengths.
-        limit = self.max_batch * (4 if self.tower == "text" else 1)
+        limit = self.max_batch * (4 if self.tower == "text" and self.max_batch > 1 else 1)
         while len(taken) < limit:
             timeout = deadline - time.monotonic()
             try:

@@ -19,7 +19,7 @@ class ServeSettings:
     precision: str | None = None
     model_name: str = "jina-clip-v2"
     max_batch_size: int = 32
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 0.0
     max_queue: int = 1024
     max_inputs: int = 512
     max_length: int = 8192
