@@ -115,7 +115,7 @@ def base(tiny_bundle) -> Iterator[str]:
         port=free_port(),
         allow_urls=True,
         allow_private_urls=True,
-        url_timeout=1.0,
+        url_timeout=3.0,
         request_timeout=20,
         max_batch_size=8,
         max_inputs=64,
@@ -402,15 +402,17 @@ def test_bounded_load_mixed_and_bad(base, images, model):
                 response = embed(base, {"input": [text, {"bytes": "!!notbase64"}]})
                 ok = response.status_code == 400
             elif kind == 2:
-                got = embed(base, {"input": [{"url": f"{images}/photo.jpg"}]})
-                ok = got.status_code == 200 and np.allclose(vectors(got)[0], want_image, atol=1e-5)
+                response = embed(base, {"input": [{"url": f"{images}/photo.jpg"}]})
+                ok = response.status_code == 200 and np.allclose(
+                    vectors(response)[0], want_image, atol=1e-5
+                )
             else:
-                got = embed(base, {"input": [text]})
-                ok = got.status_code == 200 and np.allclose(
-                    vectors(got)[0], want_text[text], atol=1e-5
+                response = embed(base, {"input": [text]})
+                ok = response.status_code == 200 and np.allclose(
+                    vectors(response)[0], want_text[text], atol=1e-5
                 )
             if not ok:
-                unexpected.append((kind, text))
+                unexpected.append((kind, response.status_code, response.text[:200]))
             done += 1
         return done
 
