@@ -13,8 +13,6 @@ drift that only 512-token inputs showed, cosine 0.990).
 
 from __future__ import annotations
 
-import glob
-import json
 import logging
 import random
 from collections.abc import Iterator, Sequence
@@ -22,6 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipedge.inputs.images import ImageInputError, load_image
+from clipedge.inputs.sources import (
+    LIST_SUFFIXES,
+    SourceError,
+    image_paths,
+    image_records,
+    text_records,
+)
 from clipedge.model import ClipEdgeModel
 from clipedge.stages import image_batches
 from clipedge.towers import tower_spec
@@ -30,8 +35,6 @@ from .feeds import Feed
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-
 
 class CalibrationDataError(ValueError):
     """Calibration inputs are missing, empty or unreadable."""
@@ -39,20 +42,11 @@ class CalibrationDataError(ValueError):
 
 def find_images(spec: str | Path | Sequence[str | Path]) -> list[Path]:
     """Resolve DIR | GLOB | LIST-FILE | list of paths to sorted image paths."""
-    if not isinstance(spec, str | Path):
-        paths = [Path(p) for p in spec]
+    path = Path(spec) if isinstance(spec, str | Path) else None
+    if path is not None and path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+        paths = sorted({Path(record.item) for record in image_records(path)})
     else:
-        path = Path(spec)
-        if path.is_dir():
-            paths = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
-        elif path.is_file() and path.suffix.lower() in {".txt", ".lst"}:
-            lines = path.read_text().splitlines()
-            paths = [Path(line.strip()) for line in lines if line.strip()]
-        elif path.is_file():
-            paths = [path]
-        else:
-            paths = [Path(p) for p in glob.glob(str(spec), recursive=True)]
-    paths = sorted(set(paths))
+        paths = image_paths(spec)
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise CalibrationDataError(f"calibration images not found: {', '.join(missing[:5])}")
@@ -63,19 +57,10 @@ def find_images(spec: str | Path | Sequence[str | Path]) -> list[Path]:
 
 def read_texts(path: str | Path) -> list[str]:
     """Texts from a .txt file (one per line) or a .jsonl file (a `text` field per line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CalibrationDataError(f"calibration text file {path} does not exist")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if path.suffix.lower() == ".jsonl":
-        texts = []
-        for number, line in enumerate(lines, 1):
-            try:
-                texts.append(str(json.loads(line)["text"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CalibrationDataError(f"{path}:{number}: no 'text' field ({exc})") from exc
-    else:
-        texts = [line.strip() for line in lines]
+    try:
+        texts = [str(record.item).strip() for record in text_records(path)]
+    except SourceError as exc:
+        raise CalibrationDataError(str(exc)) from exc
     if not texts:
         raise CalibrationDataError(f"{path} holds no texts")
     return texts

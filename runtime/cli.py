@@ -21,6 +21,7 @@ COMMANDS: dict[str, str | None] = {
     "clipedge.calibration.cli": "export",
     "clipedge.tensorrt_cli": "tensorrt",
     "clipedge.serve.cli": "serve",
+    "clipedge.embed.cli": "batch",
 }
 
 

@@ -18,7 +18,7 @@ fi
 "$VENV/bin/python" -m pip install --quiet --timeout 15 --retries 0 \
     --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" 2>/dev/null \
   || "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
-"$VENV/bin/python" -m pip install --quiet -e ".[export,openvino,nncf,serve,dev,tensorrt-test]"
+"$VENV/bin/python" -m pip install --quiet -e ".[export,openvino,nncf,serve,batch,dev,tensorrt-test]"
 
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .

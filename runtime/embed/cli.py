@@ -1,0 +1,78 @@
+"""The `embed` command (needs the `batch` extra: pyarrow)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def embed_command(args: argparse.Namespace) -> int:
+    from .job import EmbedError, EmbedJob, embed
+
+    if bool(args.images) == bool(args.texts):
+        print("clipedge embed: give exactly one of --images or --texts", file=sys.stderr)
+        return 2
+    try:
+        job = EmbedJob(
+            bundle=Path(args.bundle),
+            source=args.images or args.texts,
+            kind="images" if args.images else "texts",
+            out_dir=Path(args.output),
+            dimensions=args.dimensions,
+            task=args.task,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            shard_size=args.shard_size,
+            dtype=args.dtype,
+            fail_fast=args.fail_fast,
+            column=args.column,
+            id_column=args.id_column,
+            keep=tuple(c for c in (args.keep or "").split(",") if c),
+            backend=args.backend,
+            precision=args.precision,
+            allow_urls=args.allow_urls,
+            allow_private_urls=args.allow_private_urls,
+        )
+        summary = embed(job, progress=None if sys.stderr.isatty() else False)
+    except (EmbedError, ValueError, OSError) as exc:
+        print(f"clipedge embed: {exc}", file=sys.stderr)
+        return 1
+    print(summary.line())
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "embed", help="embed images or texts into resumable Parquet shards (batch extra)"
+    )
+    parser.add_argument("bundle")
+    parser.add_argument("--images", help="folder, glob, list file of paths/URLs, .parquet/.csv")
+    parser.add_argument("--texts", help=".txt, .jsonl, .csv or .parquet")
+    parser.add_argument("-o", "--output", required=True, help="output folder of shards")
+    parser.add_argument("--dimensions", type=int, help="Matryoshka dimensions (default all)")
+    parser.add_argument("--task", help="e.g. retrieval.query (texts)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="image decoding processes (0: threads in this process)",
+    )
+    parser.add_argument("--shard-size", type=int, default=10_000)
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    parser.add_argument("--fail-fast", action="store_true", help="stop at the first bad input")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="(the default) keep finished shards, redo partial ones",
+    )
+    parser.add_argument("--column", help="table column with the text / image path, URL or bytes")
+    parser.add_argument("--id-column", help="table column with ids (default: row number)")
+    parser.add_argument("--keep", help="comma list of source columns to keep")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--precision")
+    parser.add_argument("--allow-urls", action="store_true")
+    parser.add_argument("--allow-private-urls", action="store_true")
+    parser.set_defaults(handler=embed_command)

@@ -1,0 +1,316 @@
+"""One `clipedge embed` run: records -> prepared batches -> the model -> Parquet shards."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import clipedge
+from clipedge.inputs.fetch import UrlPolicy
+from clipedge.inputs.images import ImagePreprocessor, load_image, preprocess_images_collect
+from clipedge.inputs.sources import Record, image_records, source_hash, text_records
+from clipedge.stages import (
+    PreparedImages,
+    PreparedTexts,
+    TowerBatch,
+    image_batches,
+    image_feeds,
+    text_feeds,
+)
+
+from . import shards
+
+KINDS = {"images": "vision", "texts": "text"}
+
+
+class EmbedError(RuntimeError):
+    """The run cannot start or go on (changed source, --fail-fast on a bad input, ...)."""
+
+
+@dataclass(frozen=True)
+class EmbedJob:
+    """What to embed, where to, and how. `column` / `id_column` / `keep` name table columns
+    (defaults: "image" or "text", the row number, none)."""
+
+    bundle: Path
+    source: str
+    kind: str
+    out_dir: Path
+    dimensions: int | None = None
+    task: str | None = None
+    batch_size: int = 16
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    shard_size: int = 10_000
+    dtype: str = "float32"
+    fail_fast: bool = False
+    column: str | None = None
+    id_column: str | None = None
+    keep: tuple[str, ...] = ()
+    backend: str = "auto"
+    precision: str | None = None
+    max_length: int = 512
+    allow_urls: bool = False
+    allow_private_urls: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {list(KINDS)}, got {self.kind!r}")
+        if self.dtype not in shards.DTYPES:
+            raise ValueError(f"dtype must be one of {list(shards.DTYPES)}")
+        if self.shard_size < 1 or self.batch_size < 1 or self.workers < 0:
+            raise ValueError("shard_size and batch_size must be >= 1, workers >= 0")
+
+    def records(self) -> Iterator[Record]:
+        read = image_records if self.kind == "images" else text_records
+        column = self.column or ("image" if self.kind == "images" else "text")
+        return read(self.source, column, self.id_column, self.keep)
+
+
+@dataclass
+class EmbedSummary:
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    output_bytes: int = 0
+
+    @property
+    def rate(self) -> float:
+        return (self.done + self.failed) / self.seconds if self.seconds else 0.0
+
+    def line(self) -> str:
+        return (
+            f"embedded {self.done}, failed {self.failed}, skipped {self.skipped} (finished "
+            f"shards), {self.rate:.1f} items/s, output {self.output_bytes / 1e6:.1f} MB"
+        )
+
+
+# ----- image preparation in worker processes -------------------------------------------------
+
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(preprocessor_config: str, policy: UrlPolicy) -> None:
+    _worker["preprocessor"] = ImagePreprocessor.from_config_file(preprocessor_config)
+    _worker["load"] = functools.partial(load_image, url_policy=policy)
+
+
+def _prepare_images(items: list[Any]) -> tuple[np.ndarray, list, list[str | None]]:
+    """In a worker process: pixels and each item's error reason (the shape of `_prepare`)."""
+    pixels, errors = preprocess_images_collect(items, _worker["preprocessor"], load=_worker["load"])
+    return pixels, [], [e.reason if e is not None else None for e in errors]
+
+
+def _bundle_hash(bundle: Path) -> str:
+    return hashlib.sha256((bundle / "clipedge.json").read_bytes()).hexdigest()
+
+
+def _run_manifest(job: EmbedJob, model: clipedge.ClipEdgeModel) -> dict[str, Any]:
+    """What the shards are made of: a resume must find exactly this again."""
+    return {
+        "format": "clipedge-embed",
+        "bundle_sha256": _bundle_hash(job.bundle),
+        "model": "jina-clip-v2",
+        "precision": model.precisions[KINDS[job.kind]],
+        "kind": job.kind,
+        "source": str(job.source),
+        "source_sha256": source_hash(job.source),
+        "dimensions": job.dimensions or model.manifest.embed_dim,
+        "task": job.task,
+        "shard_size": job.shard_size,
+        "dtype": job.dtype,
+        "columns": {"item": job.column, "id": job.id_column, "keep": list(job.keep)},
+        "max_length": job.max_length,
+    }
+
+
+def _check_resume(out_dir: Path, expected: dict[str, Any]) -> None:
+    previous = shards.read_manifest(out_dir)
+    if previous is None:
+        if any(out_dir.glob("part-*.parquet")):
+            raise EmbedError(f"{out_dir} holds shards but no {shards.MANIFEST}: not resuming")
+        return
+    changed = [k for k in expected if previous.get(k) != expected[k]]
+    if changed:
+        key = changed[0]
+        what = (
+            "the source changed since the first run"
+            if key == "source_sha256"
+            else (f"{key} was {previous.get(key)!r}, now {expected[key]!r}")
+        )
+        raise EmbedError(
+            f"cannot resume into {out_dir}: {what}. Use a new output folder (or delete this one)"
+        )
+
+
+class Runner:
+    """Runs one job; `run()` returns the summary."""
+
+    def __init__(self, job: EmbedJob, progress: bool | None = None) -> None:
+        self.job = job
+        self.model = clipedge.load(
+            job.bundle,
+            backend=job.backend,
+            precision=job.precision,
+            allow_urls=job.allow_urls,
+            allow_private_urls=job.allow_private_urls,
+        )
+        self.tower = KINDS[job.kind]
+        self.options = self.model.finish_options(job.dimensions, True)
+        self.dim = self.options.truncate_dim or self.model.manifest.embed_dim
+        self.progress = progress
+
+    # -- preparation ------------------------------------------------------------------
+
+    def _executor(self) -> Executor:
+        if self.job.kind == "images" and self.job.workers > 0:
+            policy = UrlPolicy(
+                allow_urls=self.job.allow_urls, allow_private=self.job.allow_private_urls
+            )
+            config = (
+                self.model.bundle_dir / self.model.manifest.towers["vision"].extra["preprocessor"]
+            )
+            return ProcessPoolExecutor(
+                self.job.workers, initializer=_init_worker, initargs=(str(config), policy)
+            )
+        return ThreadPoolExecutor(1)
+
+    def _prepare(self, items: list[Any]) -> tuple[np.ndarray | None, list[Any], list[str | None]]:
+        """In-process preparation: texts (fast), or images with workers=0."""
+        if self.job.kind == "texts":
+            prepared = self.model.prepare_texts(items, self.job.task, self.job.max_length)
+            errors = [e.reason if e is not None else None for e in prepared.errors]
+            return None, prepared.token_ids, errors
+        prepared = self.model.prepare_images(items)
+        return prepared.pixels, [], [e.reason if e else None for e in prepared.errors]
+
+    # -- inference --------------------------------------------------------------------
+
+    def _embed(self, batch: TowerBatch) -> np.ndarray:
+        return self.model.finish(self.tower, batch, self.model.run(self.tower, batch), self.options)
+
+    def _embed_rows(
+        self, pixels: np.ndarray | None, token_ids: list[Any], errors: list[str | None]
+    ) -> np.ndarray:
+        """Vectors for the valid items; a failing batch is retried item by item."""
+        vectors = np.zeros((len(errors), self.dim), np.float32)
+        if self.job.kind == "texts":
+            prepared = PreparedTexts(token_ids, [None] * len(errors), [False] * len(errors))
+            batches = list(self.model.text_batches(prepared, self.job.batch_size))
+        else:
+            prepared = PreparedImages(pixels, list(errors), [None] * len(errors))
+            batches = list(image_batches(prepared, self.job.batch_size))
+        for batch in batches:
+            try:
+                vectors[batch.items] = self._embed(batch)
+            except Exception:
+                for item in batch.items:
+                    single = self._single(item, pixels, token_ids)
+                    try:
+                        vectors[item] = self._embed(single)[0]
+                    except Exception as exc:  # only this item fails
+                        errors[item] = f"{type(exc).__name__}: {exc}"
+        return vectors
+
+    def _single(self, item: int, pixels, token_ids) -> TowerBatch:
+        if self.job.kind == "texts":
+            pad = self.model.text.tokenizer.pad_token_id
+            return TowerBatch(text_feeds([token_ids[item]], pad), [0])
+        return TowerBatch(image_feeds(pixels[item : item + 1]), [0])
+
+    # -- the run ----------------------------------------------------------------------
+
+    def _batches(self, done: set[int], summary: EmbedSummary):
+        """(shard index, records of one batch, last batch of the shard?) for unfinished shards."""
+        records = self.job.records()
+        for index in itertools.count():
+            chunk = list(itertools.islice(records, self.job.shard_size))
+            if not chunk:
+                return
+            if index in done:
+                summary.skipped += len(chunk)
+                continue
+            size = self.job.batch_size * (4 if self.job.kind == "texts" else 1)
+            starts = range(0, len(chunk), size)
+            for start in starts:
+                yield index, chunk[start : start + size], start == starts[-1]
+
+    def run(self) -> EmbedSummary:
+        job = self.job
+        job.out_dir.mkdir(parents=True, exist_ok=True)
+        manifest = _run_manifest(job, self.model)
+        _check_resume(job.out_dir, manifest)
+        shards.write_manifest(job.out_dir, {**manifest, "complete": False})
+        done = shards.done_shards(job.out_dir)
+        summary = EmbedSummary()
+        started = time.monotonic()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc=f"clipedge embed {job.kind}", unit="item", disable=self.progress is False)
+        pending: deque = deque()
+        rows: dict[str, list] = {"ids": [], "vectors": [], "errors": [], "keep": []}
+        with self._executor() as executor:
+            uses_workers = isinstance(executor, ProcessPoolExecutor)
+            lookahead = 2 * max(1, job.workers)
+            batches = self._batches(done, summary)
+            for entry in itertools.islice(batches, lookahead):
+                pending.append((entry, self._submit(executor, entry[1], uses_workers)))
+            while pending:
+                (shard, records, last), future = pending.popleft()
+                for entry in itertools.islice(batches, 1):
+                    pending.append((entry, self._submit(executor, entry[1], uses_workers)))
+                pixels, token_ids, errors = future.result()
+                errors = list(errors)
+                vectors = self._embed_rows(pixels, token_ids, errors)
+                self._collect(rows, records, vectors, errors, summary)
+                bar.update(len(records))
+                if last:
+                    path = shards.write_shard(
+                        job.out_dir,
+                        shard,
+                        rows["ids"],
+                        np.concatenate(rows["vectors"]),
+                        rows["errors"],
+                        {k: [r[k] for r in rows["keep"]] for k in job.keep},
+                        job.dtype,
+                    )
+                    summary.output_bytes += path.stat().st_size
+                    rows = {"ids": [], "vectors": [], "errors": [], "keep": []}
+        bar.close()
+        summary.seconds = time.monotonic() - started
+        shards.write_manifest(
+            job.out_dir,
+            {**manifest, "complete": True, "counts": asdict(summary) | {"rate": summary.rate}},
+        )
+        return summary
+
+    def _submit(self, executor: Executor, records: list[Record], uses_workers: bool):
+        items = [r.item for r in records]
+        return executor.submit(_prepare_images if uses_workers else self._prepare, items)
+
+    def _collect(self, rows, records, vectors, errors, summary: EmbedSummary) -> None:
+        for record, error in zip(records, errors, strict=True):
+            if error is not None and self.job.fail_fast:
+                raise EmbedError(f"input {record.id}: {error} (--fail-fast)")
+            summary.done += error is None
+            summary.failed += error is not None
+        rows["ids"].extend(r.id for r in records)
+        rows["vectors"].append(vectors)
+        rows["errors"].extend(errors)
+        rows["keep"].extend(r.keep for r in records)
+
+
+def embed(job: EmbedJob, progress: bool | None = None) -> EmbedSummary:
+    """Run (or resume) a job; see `EmbedJob`."""
+    return Runner(job, progress).run()

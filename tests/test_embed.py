@@ -1,0 +1,205 @@
+"""`clipedge embed`: one row per input, resumable after SIGKILL, vectors equal `encode_*`."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pq = pytest.importorskip("pyarrow.parquet", reason="the batch tool needs the batch extra")
+
+import clipedge  # noqa: E402
+from clipedge.embed.job import EmbedError, EmbedJob, embed  # noqa: E402
+
+from conftest import EXPECTED  # noqa: E402
+
+INPUTS = EXPECTED / "inputs"
+JPEG = (INPUTS / "img3_large_1024x768.jpg").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle):
+    return clipedge.load(tiny_bundle, backend="cpu")
+
+
+@pytest.fixture()
+def image_folder(tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for path in sorted(INPUTS.iterdir()):
+        shutil.copy(path, folder / path.name)
+    (folder / "sub" / "cut.jpg").write_bytes(JPEG[:2000])
+    (folder / "sub" / "notes.png").write_text("not an image")
+    return folder
+
+
+def rows(out_dir: Path) -> list[dict]:
+    return pq.read_table(out_dir).to_pylist()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_image_gets_one_row_and_good_ones_equal_encode_image(
+    tiny_bundle, image_folder, tmp_path, model, workers
+):
+    out = tmp_path / f"out{workers}"
+    summary = embed(
+        EmbedJob(tiny_bundle, str(image_folder), "images", out, shard_size=3, workers=workers),
+        progress=False,
+    )
+    table = rows(out)
+    paths = sorted(p for p in image_folder.rglob("*") if p.is_file())
+    assert [r["id"] for r in table] == [str(p) for p in paths]
+    assert (summary.done, summary.failed) == (5, 2)
+    for row, path in zip(table, paths, strict=True):
+        if path.parent.name == "sub":
+            assert row["status"] == "error" and row["embedding"] is None and row["error"]
+        else:
+            assert row["status"] == "ok" and row["error"] is None
+            np.testing.assert_allclose(row["embedding"], model.encode_image(path), atol=1e-5)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "_clipedge-embed.json",
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
+    manifest = json.loads((out / "_clipedge-embed.json").read_text())
+    assert manifest["complete"] and manifest["counts"]["failed"] == 2
+    assert pq.read_schema(out / "part-00000.parquet").field("embedding").type.list_size == 64
+
+
+def test_texts_with_ids_task_dimensions_and_kept_columns(tiny_bundle, tmp_path, model):
+    source = tmp_path / "docs.jsonl"
+    texts = [f"caption {i} " * (1 + i % 5) for i in range(11)]
+    lines = [json.dumps({"key": f"k{i}", "body": t, "lang": "en"}) for i, t in enumerate(texts)]
+    source.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    job = EmbedJob(
+        tiny_bundle,
+        str(source),
+        "texts",
+        out,
+        dimensions=32,
+        task="retrieval.query",
+        shard_size=4,
+        column="body",
+        id_column="key",
+        keep=("lang",),
+        dtype="float16",
+    )
+    embed(job, progress=False)
+    table = rows(out)
+    assert [r["id"] for r in table] == [f"k{i}" for i in range(11)]
+    assert {r["lang"] for r in table} == {"en"}
+    want = model.encode_text(texts, task="retrieval.query", truncate_dim=32)
+    np.testing.assert_allclose([r["embedding"] for r in table], want, atol=2e-3)  # float16
+
+
+def test_parquet_and_csv_tables(tiny_bundle, tmp_path, model):
+    import pyarrow as pa
+    import pyarrow.csv
+
+    texts = ["a cat", "a dog", "a bridge"]
+    table = pa.table({"id": ["x", "y", "z"], "text": texts})
+    pq.write_table(table, tmp_path / "t.parquet")
+    pyarrow.csv.write_csv(table, tmp_path / "t.csv")
+    for name in ("t.parquet", "t.csv"):
+        out = tmp_path / f"out-{name}"
+        embed(EmbedJob(tiny_bundle, str(tmp_path / name), "texts", out, id_column="id"), False)
+        got = rows(out)
+        assert [r["id"] for r in got] == ["x", "y", "z"]
+        np.testing.assert_allclose(
+            [r["embedding"] for r in got], model.encode_text(texts), atol=1e-5
+        )
+
+
+def test_fail_fast_names_the_input(tiny_bundle, image_folder, tmp_path):
+    job = EmbedJob(tiny_bundle, str(image_folder), "images", tmp_path / "o", fail_fast=True)
+    with pytest.raises(EmbedError, match=r"input .*cut\.jpg: .*--fail-fast"):
+        embed(job, progress=False)
+
+
+class SlowImages(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        time.sleep(0.15)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(JPEG)))
+        self.end_headers()
+        self.wfile.write(JPEG)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_sigkill_then_resume_gives_exactly_one_row_per_input(tiny_bundle, tmp_path, model):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowImages)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        urls = [f"{base}/img{i}.jpg" for i in range(24)]
+        source = tmp_path / "urls.txt"
+        source.write_text("\n".join(urls) + "\n")
+        out = tmp_path / "out"
+        args = [
+            str(tiny_bundle),
+            "--images",
+            str(source),
+            "-o",
+            str(out),
+            "--shard-size",
+            "4",
+            "--workers",
+            "1",
+            "--batch-size",
+            "4",
+            "--allow-urls",
+            "--allow-private-urls",
+        ]
+        process = subprocess.Popen(
+            [sys.executable, "-m", "clipedge.cli", "embed", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while len(list(out.glob("part-*.parquet"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        finished = {p: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+        assert 2 <= len(finished) < 6, "the run should have been killed midway"
+        (out / "part-00005.parquet.tmp").write_bytes(b"half a shard")
+        job = EmbedJob(
+            tiny_bundle,
+            str(source),
+            "images",
+            out,
+            shard_size=4,
+            workers=1,
+            batch_size=4,
+            allow_urls=True,
+            allow_private_urls=True,
+        )
+        summary = embed(job, progress=False)
+        assert summary.skipped == 4 * len(finished)
+        assert {p: p.stat().st_mtime_ns for p in finished} == finished  # untouched
+        assert not list(out.glob("*.tmp"))
+        table = rows(out)
+        assert [r["id"] for r in table] == urls
+        assert {r["status"] for r in table} == {"ok"}
+        want = model.encode_image(JPEG)
+        np.testing.assert_allclose(
+            np.array([r["embedding"] for r in table]), np.tile(want, (24, 1)), atol=1e-5
+        )
+        source.write_text("\n".join(urls[:-1]) + "\n")
+        with pytest.raises(EmbedError, match="the source changed since the first run"):
+            embed(job, progress=False)
+    finally:
+        server.shutdown()
