@@ -1,0 +1,123 @@
+"""`clipedge embed` against the model alone and the loop users write, on the same images.
+
+Side by side in one run, on `--count` photo-like 1280x848 JPEGs: the model-only rate
+(preprocessed pixels through `run` + `finish`, nothing else), `clipedge embed` end to end for
+each `--workers` value, the plain loop (`model.encode_image(paths)` per batch, `np.save`),
+the time a re-run takes to skip the finished shards, and each run's peak RSS (the process and
+its workers).
+
+Usage: python benchmarks/bench_embed.py --bundle DIR [--precision int8-cpu] [--count 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from machine import machine_info
+from PIL import Image
+
+CHILD = """
+import json, resource, sys, time
+from pathlib import Path
+import numpy as np
+import clipedge
+from clipedge.embed.job import EmbedJob, embed
+from clipedge.stages import image_batches
+mode, bundle, folder, out, precision, workers, batch = sys.argv[1:8]
+paths = sorted(Path(folder).glob("*.jpg"))
+start = time.perf_counter()
+if mode == "embed":
+    job = EmbedJob(Path(bundle), folder, "images", Path(out), workers=int(workers),
+                   batch_size=int(batch), precision=precision or None, shard_size=1000)
+    embed(job, progress=False)
+elif mode == "loop":
+    model = clipedge.load(bundle, precision=precision or None)
+    for i in range(0, len(paths), int(batch)):
+        np.save(Path(out) / f"{i}.npy", model.encode_image(paths[i : i + int(batch)]))
+else:  # model only: pixels prepared before the clock starts
+    model = clipedge.load(bundle, precision=precision or None)
+    prepared = model.prepare_images(paths)
+    options = model.finish_options(None, True)
+    model.run("vision", next(image_batches(prepared, 1)))  # session created
+    start = time.perf_counter()
+    for b in image_batches(prepared, int(batch)):
+        model.finish("vision", b, model.run("vision", b), options)
+seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(
+    resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"seconds": seconds, "images_per_s": len(paths) / seconds, "peak_kb": peak}))
+"""
+
+
+def photos(folder: Path, count: int) -> None:
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:848, 0:1280].astype(np.float32)
+    for i in range(count):
+        base = np.stack([x / 1280, y / 848, (x + y) / 2128], axis=-1) * (150 + i % 100)
+        noise = rng.normal(0, 12, (848, 1280, 3))
+        image = np.clip(base + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(folder / f"photo{i:05d}.jpg", quality=90)
+
+
+def child(mode: str, args: argparse.Namespace, folder: Path, out: Path, workers: int) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable,
+        "-c",
+        CHILD,
+        mode,
+        str(args.bundle),
+        str(folder),
+        str(out),
+        args.precision,
+        str(workers),
+        str(args.batch_size),
+    ]
+    result = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--precision", default="")
+    parser.add_argument("--count", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", default="0,1,2")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    results: dict = {"machine": machine_info(), "count": args.count, "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "photos"
+        folder.mkdir()
+        photos(folder, args.count)
+        runs = results["runs"]
+        runs["model only"] = child("model", args, folder, Path(tmp) / "m", 0)
+        for workers in (int(w) for w in args.workers.split(",")):
+            out = Path(tmp) / f"embed{workers}"
+            runs[f"clipedge embed, {workers} workers"] = child("embed", args, folder, out, workers)
+        runs["re-run over finished shards"] = child("embed", args, folder, out, workers)
+        runs["plain loop (encode_image + np.save)"] = child(
+            "loop", args, folder, Path(tmp) / "l", 0
+        )
+    model_rate = runs["model only"]["images_per_s"]
+    print(f"{args.count} images 1280x848, batch {args.batch_size}")
+    print("| run | s | images/s | vs model only | peak RSS GB |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, row in runs.items():
+        print(
+            f"| {name} | {row['seconds']:.2f} | {row['images_per_s']:.2f} | "
+            f"{row['images_per_s'] / model_rate:.0%} | {row['peak_kb'] / 1e6:.2f} |"
+        )
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
