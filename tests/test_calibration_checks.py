@@ -1,0 +1,310 @@
+"""The calibration report's recall and the mixed-precision search, checked against known answers.
+
+`tests/test_calibration.py` runs the pipeline end to end; these tests pin the two promises it
+only touched: recall@k ranks the candidate's scores highest first with the fp32 top-1 as the
+truth, and the block search returns the fewest float blocks that meet its target (so that the
+held-out accuracy the report measures meets it too).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipedge.calibration import search
+from clipedge.calibration.report import recall_at_k
+
+from conftest import FIXTURE
+
+# -- recall@k on hand-built embeddings --------------------------------------------------------
+
+
+def one_hot(n: int) -> np.ndarray:
+    return np.eye(n, dtype=np.float32)
+
+
+def queries_ranking_truth_at(ranks: list[int], seed: int = 0) -> np.ndarray:
+    """Query rows over one-hot items whose scores put item i (the truth) at rank ranks[i].
+
+    Scores are distinct and positive, so each row's ranking is fully determined.
+    """
+    n = len(ranks)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, rank in enumerate(ranks):
+        levels = np.linspace(1.0, 0.1, n)  # the score of rank 1, 2, ..., n
+        others = [j for j in range(n) if j != i]
+        rng.shuffle(others)
+        order = others[: rank - 1] + [i] + others[rank - 1 :]  # item at each rank
+        row = np.empty(n, dtype=np.float32)
+        row[order] = levels
+        rows.append(row)
+    return np.stack(rows)
+
+
+def test_identical_embeddings_give_full_recall():
+    rng = np.random.default_rng(1)
+    queries, items = rng.normal(size=(12, 16)), rng.normal(size=(9, 16))
+    assert recall_at_k(queries, items, queries, items) == {"recall@1": 1.0, "recall@5": 1.0}
+
+
+def test_small_perturbation_keeps_recall():
+    """Well-separated scores survive a perturbation far below the score margins."""
+    items = one_hot(8)
+    queries = items + 0.05  # truth i, margin 1 over every other item
+    rng = np.random.default_rng(2)
+    noisy_q = queries + rng.normal(scale=1e-3, size=queries.shape)
+    noisy_i = items + rng.normal(scale=1e-3, size=items.shape)
+    assert recall_at_k(queries, items, noisy_q, noisy_i, ks=(1,)) == {"recall@1": 1.0}
+
+
+def test_recall_counts_the_rank_of_the_fp32_top1_in_the_candidate_ranking():
+    ranks = [1, 1, 2, 3, 5, 6, 8, 1]
+    items = one_hot(len(ranks))
+    reference_queries = one_hot(len(ranks))  # fp32: query i's top-1 is item i
+    candidate_queries = queries_ranking_truth_at(ranks)
+    recall = recall_at_k(reference_queries, items, candidate_queries, items, ks=(1, 2, 3, 5, 8))
+    expected = {f"recall@{k}": sum(r <= k for r in ranks) / len(ranks) for k in (1, 2, 3, 5, 8)}
+    assert recall == expected  # 3/8, 4/8, 5/8, 6/8, 8/8
+
+
+def test_truth_comes_from_the_reference_not_the_candidate():
+    """The same candidate scored against two references: the truth moves with the reference."""
+    ranks = [2, 2, 2, 2]
+    items = one_hot(4)
+    candidate_queries = queries_ranking_truth_at(ranks)  # item i is the candidate's 2nd
+    top1 = candidate_queries.argmax(1)  # ... and these items are the candidate's 1st
+    assert recall_at_k(one_hot(4), items, candidate_queries, items, ks=(1,))["recall@1"] == 0.0
+    shifted = one_hot(4)[top1]  # a reference whose top-1 is the candidate's top-1
+    assert recall_at_k(shifted, items, candidate_queries, items, ks=(1,))["recall@1"] == 1.0
+
+
+def test_permuted_items_give_the_share_of_fixed_points():
+    """Candidate items shuffled: only queries whose item stayed in place keep their top-1."""
+    items = one_hot(8) + 0.01
+    queries = one_hot(8)
+    permutation = np.array([0, 2, 1, 3, 5, 4, 7, 6])  # fixed points: 0 and 3
+    recall = recall_at_k(queries, items, queries, items[permutation], ks=(1,))
+    assert recall == {"recall@1": 2 / 8}
+
+
+def test_retrieval_agreement_pairs_each_direction_with_its_reference():
+    """Text-to-image ranks images for each text, image-to-text ranks texts for each image."""
+    from clipedge.calibration.pipeline import _retrieval_agreement
+
+    texts, images = one_hot(6)[:, :4], one_hot(4)  # texts 4 and 5 are zero rows
+    texts[4:] = [[1.0, 0.5, 0, 0], [0, 0, 0.5, 1.0]]  # their truths: images 0 and 3
+    swapped = images[[1, 0, 2, 3]]  # candidate images 0 and 1 swapped
+    agreement = _retrieval_agreement(
+        {
+            ("text", "fp32"): texts,
+            ("vision", "fp32"): images,
+            ("text", "int8"): texts,
+            ("vision", "int8"): swapped,
+        },
+        ["int8"],
+    )["int8"]
+    # t2i: texts 0, 1 and 4 (truth image 0 or 1) lose their top-1, texts 2, 3, 5 keep it.
+    assert agreement["text_to_image_recall@1"] == 3 / 6
+    # i2t: images 0 and 1 now score texts for the other image; images 2 and 3 keep theirs.
+    assert agreement["image_to_text_recall@1"] == 2 / 4
+    assert agreement["text_to_image_recall@5"] == 1.0  # only 4 images: all within the top 5
+
+
+# -- the block search's logic, on a converter whose accuracy is known ------------------------
+
+DRIFT = {f"layers.{i}": d for i, d in enumerate([3e-4, 5e-3, 1e-4, 2e-3, 8e-4, 4e-4, 1e-3, 6e-4])}
+OTHER_DRIFT = 5e-5  # embeddings and head, always converted by the search
+
+
+class FakeConversions:
+    """A converter that records which nodes each graph keeps float; its min cosine is 1 minus
+    the drift of every converted block (and of the other nodes when converted)."""
+
+    def __init__(self) -> None:
+        self.blocks = {block: [f"{block}/a", f"{block}/b"] for block in DRIFT}
+        self.others = ["embed", "head"]
+        self.kept: dict[Path, frozenset[str]] = {}
+        self.calls: list[Path] = []
+
+    def convert(self, keep_float, destination: Path) -> Path:
+        self.kept[destination] = frozenset(keep_float)
+        self.calls.append(destination)
+        return destination
+
+    def min_cosine(self, graph: Path, tower, feeds, reference) -> float:
+        kept = self.kept[graph]
+        drift = sum(d for b, d in DRIFT.items() if not set(self.blocks[b]) <= kept)
+        drift += 0.0 if set(self.others) <= kept else OTHER_DRIFT
+        return 1.0 - drift
+
+    def cosine_with_float(self, blocks: list[str]) -> float:
+        return 1.0 - OTHER_DRIFT - sum(d for b, d in DRIFT.items() if b not in blocks)
+
+
+RANKED = sorted(DRIFT, key=lambda b: -DRIFT[b])
+
+
+@pytest.mark.parametrize("k", range(len(RANKED) + 1))
+def test_search_returns_the_fewest_ranked_blocks_that_meet_the_target(monkeypatch, tmp_path, k):
+    fake = FakeConversions()
+    monkeypatch.setattr(search, "_min_cosine", fake.min_cosine)
+    target = fake.cosine_with_float(RANKED[:k])  # met with exactly k blocks, not with k - 1
+    destination = tmp_path / "text.int8.onnx"
+    result = search.search_fallback(
+        fake.convert, fake.blocks, fake.others, "text", [], None, target, destination
+    )
+    assert result.fp32_blocks == RANKED[:k]
+    assert result.min_cosine == pytest.approx(target, abs=1e-12) and result.min_cosine >= target
+    assert result.graph == destination
+    # The graph left at the destination is the one reported, not the last trial.
+    assert fake.kept[destination] == {n for b in RANKED[:k] for n in fake.blocks[b]}
+    # Sensitivity is measured only when the whole-tower conversion misses the target.
+    assert result.sensitivity == (pytest.approx(DRIFT) if k else {})
+    builds = fake.calls.count(destination)
+    assert builds <= 2 + math.ceil(math.log2(len(DRIFT))), "binary search, not a linear scan"
+
+
+def test_search_falls_back_every_block_when_the_target_is_out_of_reach(monkeypatch, tmp_path):
+    fake = FakeConversions()
+    monkeypatch.setattr(search, "_min_cosine", fake.min_cosine)
+    destination = tmp_path / "g.onnx"
+    result = search.search_fallback(
+        fake.convert, fake.blocks, fake.others, "text", [], None, 1.0, destination
+    )
+    assert result.fp32_blocks == RANKED
+    assert result.min_cosine == pytest.approx(1.0 - OTHER_DRIFT)
+    assert fake.kept[destination] == {n for names in fake.blocks.values() for n in names}
+
+
+# -- the block search and the report on the tiny bundle ---------------------------------------
+
+skimage_data = pytest.importorskip("skimage.data", reason="real photographs for calibration")
+PHOTO_GLOB = str(Path(skimage_data.data_dir) / "*.png")
+CAPTIONS = FIXTURE.parent / "calibration" / "captions.jsonl"
+
+
+def _calibration():
+    from clipedge.calibration.data import CalibrationSet
+
+    return CalibrationSet.from_sources(PHOTO_GLOB, CAPTIONS, limit=12)
+
+
+@pytest.fixture(scope="module")
+def vision_case(tiny_bundle, tmp_path_factory):
+    """The vision tower as int8-cpu converts it: measured whole and with one block float.
+
+    The target lies between the whole-tower conversion (missing it on the calibration and
+    the held-out feeds) and the best one-block fallback (meeting it on both).
+    """
+    import onnx
+
+    import clipedge
+    from clipedge.calibration.blocks import nodes_by_block
+    from clipedge.calibration.data import tower_feeds
+    from clipedge.calibration.precisions import PRECISIONS
+    from clipedge.calibration.report import cosine_stats, cpu_session, pooled_embeddings
+
+    work = tmp_path_factory.mktemp("search")
+    graph = tiny_bundle / "vision.onnx"
+    calibration = _calibration()
+    model = clipedge.load(tiny_bundle, backend="cpu", precision="fp32")
+    feeds = {held: tower_feeds(model, "vision", calibration, held) for held in (False, True)}
+    fp32 = cpu_session(graph)
+    reference = {held: pooled_embeddings(fp32, "vision", f) for held, f in feeds.items()}
+    convert = PRECISIONS["int8-cpu"].make_converter(graph, feeds[False], "max")
+    onnx_model = onnx.load(str(graph), load_external_data=False)
+    blocks = nodes_by_block(onnx_model)
+    inside = {name for names in blocks.values() for name in names}
+
+    def measure(keep: list[str], name: str) -> dict[bool, float]:
+        session = cpu_session(convert(keep, work / name))
+        return {
+            held: cosine_stats(reference[held], pooled_embeddings(session, "vision", f))[
+                "cosine_min"
+            ]
+            for held, f in feeds.items()
+        }
+
+    whole = measure([], "whole.onnx")
+    single = {b: measure(nodes, f"only-{b}.onnx") for b, nodes in blocks.items()}
+    best = max(single, key=lambda b: min(single[b].values()))
+    low, high = max(whole.values()), min(single[best].values())
+    assert low < high, f"no one-block fallback beats the whole tower: {whole} {single}"
+    return {
+        "graph": graph,
+        "feeds": feeds,
+        "reference": reference,
+        "convert": convert,
+        "blocks": blocks,
+        "others": [n.name for n in onnx_model.graph.node if n.name not in inside],
+        "calibration": calibration,
+        "target": (low + high) / 2,
+        "whole": whole,
+        "single": single,
+        "work": work,
+    }
+
+
+def test_search_meets_a_target_the_whole_tower_misses(vision_case):
+    from clipedge.calibration.report import cosine_stats, cpu_session, pooled_embeddings
+
+    case = vision_case
+    target = case["target"]
+    assert max(case["whole"].values()) < target  # the whole-tower conversion misses it
+    result = search.search_fallback(
+        case["convert"],
+        case["blocks"],
+        case["others"],
+        "vision",
+        case["feeds"][False],
+        case["reference"][False],
+        target,
+        case["work"] / "vision.int8-cpu.onnx",
+    )
+    assert result.min_cosine >= target
+    # One block suffices (measured): the search keeps exactly one, the most sensitive.
+    assert len(result.fp32_blocks) == 1
+    assert result.fp32_blocks[0] == max(result.sensitivity, key=result.sensitivity.get)
+    assert min(case["single"][result.fp32_blocks[0]].values()) >= target
+    session = cpu_session(result.graph)
+    for held in (False, True):  # the graph on disk, re-measured, calibration and held-out
+        embeddings = pooled_embeddings(session, "vision", case["feeds"][held])
+        cosine = cosine_stats(case["reference"][held], embeddings)["cosine_min"]
+        assert cosine >= target, ("held-out" if held else "calibration", cosine, target)
+        if not held:
+            assert cosine == pytest.approx(result.min_cosine)
+
+
+def test_calibrate_meets_the_target_on_held_out_and_reports_float_blocks(
+    vision_case, tiny_bundle, tmp_path
+):
+    from clipedge.calibration.pipeline import calibrate_bundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    target = vision_case["target"]
+    results = calibrate_bundle(
+        bundle,
+        ["int8-cpu"],
+        vision_case["calibration"],
+        targets={"int8-cpu": target},
+        report=lambda line: None,
+    )
+    rows = {r.tower: r for r in results}
+    vision = rows["vision"]
+    assert vision.target_cosine == target
+    assert vision.cosine_min >= target and vision.passed  # held-out, measured by the report
+    assert len(vision.fp32_blocks) == 1 and vision.fp32_blocks[0] in vision_case["blocks"]
+    assert rows["text"].passed and rows["text"].cosine_min >= target
+    manifest = json.loads((bundle / "clipedge.json").read_text())
+    accuracy = manifest["towers"]["vision"]["graphs"]["int8-cpu"]["accuracy"]
+    assert accuracy["fp32_blocks"] == vision.fp32_blocks and accuracy["passed"]
+    report = json.loads((bundle / "accuracy_report.json").read_text())
+    (row,) = [r for r in report["towers"] if r["tower"] == "vision"]
+    assert row["fp32_blocks"] == vision.fp32_blocks and row["cosine_min"] >= target
