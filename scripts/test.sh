@@ -17,8 +17,9 @@ fi
 # to the default index within seconds.
 "$VENV/bin/python" -m pip install --quiet --timeout 15 --retries 0 \
     --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" 2>/dev/null \
-  || "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
-"$VENV/bin/python" -m pip install --quiet -e ".[export,openvino,nncf,serve,batch,dev,tensorrt-test]"
+  || { echo "PyTorch's CPU index failed: torch from the default index" >&2
+       "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"; }
+"$VENV/bin/python" -m pip install --quiet -e ".[export,openvino,nncf,serve,batch,ray,dev,tensorrt-test]"
 
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .

@@ -35,7 +35,13 @@ def embed_command(args: argparse.Namespace) -> int:
             allow_urls=args.allow_urls,
             allow_private_urls=args.allow_private_urls,
         )
-        summary = embed(job, progress=None if sys.stderr.isatty() else False)
+        progress = None if sys.stderr.isatty() else False
+        if args.ray is None:
+            summary = embed(job, progress)
+        else:
+            from .ray_data import embed_with_ray
+
+            summary = embed_with_ray(job, None if args.ray == "local" else args.ray, progress)
     except (EmbedError, ValueError, OSError) as exc:
         print(f"clipedge embed: {exc}", file=sys.stderr)
         return 1
@@ -75,4 +81,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--precision")
     parser.add_argument("--allow-urls", action="store_true")
     parser.add_argument("--allow-private-urls", action="store_true")
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="embed with Ray Data actors: a cluster address (e.g. auto), or none for a local "
+        "instance (ray extra)",
+    )
     parser.set_defaults(handler=embed_command)

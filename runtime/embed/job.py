@@ -154,10 +154,11 @@ def _check_resume(out_dir: Path, expected: dict[str, Any]) -> None:
         )
 
 
-class Runner:
-    """Runs one job; `run()` returns the summary."""
+class Embedder:
+    """The job's model and its prepare and embed steps, one batch of records at a time (what
+    a local run and a Ray actor share)."""
 
-    def __init__(self, job: EmbedJob, progress: bool | None = None) -> None:
+    def __init__(self, job: EmbedJob) -> None:
         self.job = job
         self.model = clipedge.load(
             job.bundle,
@@ -169,7 +170,6 @@ class Runner:
         self.tower = KINDS[job.kind]
         self.options = self.model.finish_options(job.dimensions, True)
         self.dim = self.options.truncate_dim or self.model.manifest.embed_dim
-        self.progress = progress
 
     # -- preparation ------------------------------------------------------------------
 
@@ -229,7 +229,23 @@ class Runner:
             return TowerBatch(text_feeds([token_ids[item]], pad), [0])
         return TowerBatch(image_feeds(pixels[item : item + 1]), [0])
 
-    # -- the run ----------------------------------------------------------------------
+    def embed_items(self, items: list[Any]) -> tuple[np.ndarray, list[str | None]]:
+        """Vectors and per-item error reasons for one batch of items, prepared here."""
+        pixels, token_ids, errors = self._prepare(items)
+        errors = list(errors)
+        return self._embed_rows(pixels, token_ids, errors), errors
+
+
+def empty_rows() -> dict[str, list]:
+    return {"ids": [], "vectors": [], "errors": [], "keep": []}
+
+
+class Runner(Embedder):
+    """Runs one job locally; `run()` returns the summary."""
+
+    def __init__(self, job: EmbedJob, progress: bool | None = None) -> None:
+        super().__init__(job)
+        self.progress = progress
 
     def _batches(self, done: set[int], summary: EmbedSummary):
         """(shard index, records of one batch, last batch of the shard?) for unfinished shards."""
@@ -257,14 +273,25 @@ class Runner:
         started = time.monotonic()
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc=f"clipedge embed {job.kind}", unit="item", disable=self.progress is False)
+        with tqdm(
+            desc=f"clipedge embed {job.kind}", unit="item", disable=self.progress is False
+        ) as bar:
+            self._embed_all(done, summary, bar)
+        summary.seconds = time.monotonic() - started
+        shards.write_manifest(
+            job.out_dir,
+            {**manifest, "complete": True, "counts": asdict(summary) | {"rate": summary.rate}},
+        )
+        return summary
+
+    def _embed_all(self, done: set[int], summary: EmbedSummary, bar) -> None:
+        """Every unfinished shard; preparation runs `2 x workers` batches ahead."""
         pending: deque = deque()
-        rows: dict[str, list] = {"ids": [], "vectors": [], "errors": [], "keep": []}
+        rows = empty_rows()
         with self._executor() as executor:
             uses_workers = isinstance(executor, ProcessPoolExecutor)
-            lookahead = 2 * max(1, job.workers)
             batches = self._batches(done, summary)
-            for entry in itertools.islice(batches, lookahead):
+            for entry in itertools.islice(batches, 2 * max(1, self.job.workers)):
                 pending.append((entry, self._submit(executor, entry[1], uses_workers)))
             while pending:
                 (shard, records, last), future = pending.popleft()
@@ -276,24 +303,20 @@ class Runner:
                 self._collect(rows, records, vectors, errors, summary)
                 bar.update(len(records))
                 if last:
-                    path = shards.write_shard(
-                        job.out_dir,
-                        shard,
-                        rows["ids"],
-                        np.concatenate(rows["vectors"]),
-                        rows["errors"],
-                        {k: [r[k] for r in rows["keep"]] for k in job.keep},
-                        job.dtype,
-                    )
-                    summary.output_bytes += path.stat().st_size
-                    rows = {"ids": [], "vectors": [], "errors": [], "keep": []}
-        bar.close()
-        summary.seconds = time.monotonic() - started
-        shards.write_manifest(
-            job.out_dir,
-            {**manifest, "complete": True, "counts": asdict(summary) | {"rate": summary.rate}},
+                    self._write(shard, rows, summary)
+                    rows = empty_rows()
+
+    def _write(self, shard: int, rows: dict[str, list], summary: EmbedSummary) -> None:
+        path = shards.write_shard(
+            self.job.out_dir,
+            shard,
+            rows["ids"],
+            np.concatenate(rows["vectors"]),
+            rows["errors"],
+            {k: [r[k] for r in rows["keep"]] for k in self.job.keep},
+            self.job.dtype,
         )
-        return summary
+        summary.output_bytes += path.stat().st_size
 
     def _submit(self, executor: Executor, records: list[Record], uses_workers: bool):
         items = [r.item for r in records]
