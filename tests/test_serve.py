@@ -108,6 +108,14 @@ def start(settings: ServeSettings) -> Iterator[str]:
     thread.join(timeout=30)
 
 
+def start_ready(settings: ServeSettings) -> Iterator[str]:
+    gen = start(settings)
+    url = next(gen)
+    assert wait_ready(url).status_code == 200
+    yield url
+    next(gen, None)
+
+
 @pytest.fixture(scope="module")
 def base(tiny_bundle) -> Iterator[str]:
     settings = ServeSettings(
@@ -123,11 +131,7 @@ def base(tiny_bundle) -> Iterator[str]:
         max_body_bytes=2_000_000,
         max_length=512,
     )
-    gen = start(settings)
-    url = next(gen)
-    assert wait_ready(url).status_code == 200
-    yield url
-    next(gen, None)
+    yield from start_ready(settings)
 
 
 @pytest.fixture(scope="module")
@@ -140,11 +144,7 @@ def guarded(tiny_bundle) -> Iterator[str]:
         api_key="s3cret",
         max_queue=4,
     )
-    gen = start(settings)
-    url = next(gen)
-    assert wait_ready(url).status_code == 200
-    yield url
-    next(gen, None)
+    yield from start_ready(settings)
 
 
 @pytest.fixture(scope="module")

@@ -69,6 +69,14 @@ def _table(path: Path, columns: Sequence[str | None]) -> Iterator[dict[str, Any]
         yield from batch.to_pylist()
 
 
+def _table_records(
+    path: Path, column: str, id_column: str | None, keep: Sequence[str]
+) -> Iterator[Record]:
+    for number, row in enumerate(_table(path, [column, id_column, *keep])):
+        name = row[id_column] if id_column else number
+        yield Record(str(name), row[column], {k: row[k] for k in keep})
+
+
 def image_records(
     spec: str | Path,
     column: str = "image",
@@ -79,9 +87,7 @@ def image_records(
     a path / URL / bytes `column`; ids are the paths (or `id_column`, or the row number)."""
     path = Path(spec)
     if path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
-        for number, row in enumerate(_table(path, [column, id_column, *keep])):
-            name = row[id_column] if id_column else number
-            yield Record(str(name), row[column], {k: row[k] for k in keep})
+        yield from _table_records(path, column, id_column, keep)
     elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
         with path.open(encoding="utf-8") as stream:
             for line in stream:
@@ -108,9 +114,7 @@ def text_records(
         raise SourceError(f"text source {path} does not exist")
     suffix = path.suffix.lower()
     if suffix in TABLE_SUFFIXES:
-        for number, row in enumerate(_table(path, [column, id_column, *keep])):
-            name = row[id_column] if id_column else number
-            yield Record(str(name), row[column], {k: row[k] for k in keep})
+        yield from _table_records(path, column, id_column, keep)
         return
     with path.open(encoding="utf-8") as stream:
         for number, line in enumerate(stream, 1):
