@@ -449,3 +449,59 @@ def test_sigterm_finishes_requests_in_flight(tiny_bundle, images):
     finally:
         process.kill()
         process.wait()
+
+
+class FakeModel:
+    """Just enough of a model for the batcher: `run` fails on a poisoned row, or sleeps."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.batches: list[int] = []
+        self.manifest = type(
+            "M", (), {"towers": {"text": type("T", (), {"extra": {"pad_token_id": 1}})}}
+        )
+
+    def run(self, tower, batch):
+        time.sleep(self.delay)
+        self.batches.append(len(batch.items))
+        if (batch.feeds["input_ids"] == 666).any():
+            raise RuntimeError("poisoned row")
+        return batch.feeds["input_ids"][:, :1].astype(np.float32)
+
+    def finish(self, tower, batch, output, options):
+        return output
+
+
+def test_a_failing_batch_is_retried_item_by_item():
+    from clipedge.serve.batcher import TowerBatcher
+
+    model = FakeModel(delay=0.05)
+    batcher = TowerBatcher(model, "text", max_batch=8, max_wait_s=0.02, max_queue=16)
+    futures = batcher.submit([[5], [666], [7]])
+    assert futures[0].result(5)[0] == 5 and futures[2].result(5)[0] == 7
+    with pytest.raises(RuntimeError, match="poisoned"):
+        futures[1].result(5)
+    assert model.batches[0] == 3 and sorted(model.batches[1:]) == [1, 1, 1]
+    batcher.close()
+
+
+def test_request_timeout_is_a_504_and_cancels_its_items(tiny_bundle):
+    import asyncio
+
+    from clipedge.serve.app import Service
+    from clipedge.serve.batcher import TowerBatcher
+    from clipedge.serve.errors import ApiError
+    from clipedge.serve.metrics import Metrics
+    from clipedge.serve.requests import parse_request
+
+    settings = ServeSettings(str(tiny_bundle), request_timeout=0.2)
+    service = Service(settings, Metrics())
+    service.model = clipedge.load(tiny_bundle, backend="cpu")
+    slow = FakeModel(delay=1.0)
+    service.batchers = {"text": TowerBatcher(slow, "text", 8, 0.0, 16)}
+    service.ready = True
+    request = parse_request({"input": ["a", "b"]}, settings, 64, {})
+    with pytest.raises(ApiError) as error:
+        asyncio.run(service.embed(request, time.monotonic() + settings.request_timeout))
+    assert error.value.status == 504
+    service.close()
