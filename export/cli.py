@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from clipedge.calibration.cli import add_calibration_arguments, calibrate
+
+from .opset import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, check_opset
 
 
 def export(args: argparse.Namespace) -> int:
@@ -36,6 +39,17 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _opset(text: str) -> int:
+    """`--opset`, refused while parsing: before torch is even imported."""
+    value: int | str = text
+    with contextlib.suppress(ValueError):
+        value = int(text)
+    try:
+        return check_opset(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "export", help="export a jina-clip-v2 checkpoint into a bundle of per-tower ONNX graphs"
@@ -43,7 +57,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("source", help="local checkpoint directory or hub id (jinaai/jina-clip-v2)")
     parser.add_argument("-o", "--output", required=True, help="bundle directory to write")
     parser.add_argument("--towers", default="text,vision", help="comma list: text,vision")
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 to 24 (default 18)")
+    parser.add_argument(
+        "--opset",
+        type=_opset,
+        default=DEFAULT_OPSET,
+        help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})",
+    )
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     parser.add_argument(
         "--token-states",

@@ -22,23 +22,11 @@ from clipedge.towers import tower_spec
 
 from .config import ClipConfig
 from .graph_check import GraphReport, check_graph
+from .opset import DEFAULT_OPSET
 
 log = logging.getLogger(__name__)
 # The exporter logs a warning per torchvision op it cannot register; clipedge uses none.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-
-DEFAULT_OPSET = 18
-# Opsets exported and verified in onnxruntime here (torch 2.13, onnx 1.23, onnxruntime 1.32):
-# 17 is LayerNormalization's first (the exporter writes 18 and converts down); 18+ directly.
-MIN_OPSET, MAX_OPSET = 17, 24
-
-
-def check_opset(opset: object) -> int:
-    """The opset as an int in the supported range, or a ValueError before any work."""
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ValueError(f"opset must be an int from {MIN_OPSET} to {MAX_OPSET}, got {opset!r}")
-    return opset
-
 
 PROTOBUF_LIMIT = 2**31 - 1
 # Shapes used only to trace; the exported axes are symbolic.
@@ -78,6 +66,13 @@ def _strip_debug_metadata(model) -> None:
     for node in model.graph.all_nodes():
         for key in [k for k in node.metadata_props if k not in KEPT_METADATA]:
             del node.metadata_props[key]
+
+
+def _check_written_opset(model: onnx.ModelProto, tower: str, opset: int) -> None:
+    """The exporter keeps its own opset when converting fails; the bundle must not lie."""
+    written = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    if written != [opset]:
+        raise RuntimeError(f"{tower}.onnx has opset {written}, not the requested {opset}")
 
 
 def export_tower(
@@ -127,6 +122,7 @@ def export_tower(
     if not external and data_path.exists():
         os.remove(data_path)
     model = onnx.load(str(path), load_external_data=False)
+    _check_written_opset(model, tower, opset)
     report = check_graph(model)
     log.info("%s.onnx ops: %s", tower, report.histogram_text())
     return ExportedGraph(

@@ -12,7 +12,8 @@ from pathlib import Path
 from clipedge.bundle.manifest import Manifest
 
 from .bundle_writer import copy_support_files, write_manifest
-from .onnx_export import DEFAULT_OPSET, ExportedGraph, check_opset, export_tower
+from .onnx_export import ExportedGraph, export_tower
+from .opset import DEFAULT_OPSET, check_opset
 from .source import resolve_source
 from .verify import Verification, verify_graph
 from .weights import load_towers

@@ -1,4 +1,5 @@
-"""Checkpoint loading: strictness, clear errors, config defaults, bf16, hub fallback, CLI."""
+"""Checkpoint loading and the export's refusals: strictness, clear errors, config defaults,
+bf16, hub fallback, opset range, CLI."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ torch = pytest.importorskip("torch", reason="export tests need the [export] extr
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from clipedge.cli import main  # noqa: E402
+from clipedge.export import pipeline  # noqa: E402
 from clipedge.export.config import (  # noqa: E402
     TEXT_BACKBONE_DEFAULTS,
     UnsupportedCheckpointError,
     parse_config,
 )
+from clipedge.export.opset import MAX_OPSET  # noqa: E402
+from clipedge.export.pipeline import export_bundle  # noqa: E402
 from clipedge.export.source import SourceError, resolve_source  # noqa: E402
 from clipedge.export.weights import CheckpointError, load_towers  # noqa: E402
 
@@ -147,3 +151,33 @@ def test_cli_bad_checkpoint_exits_with_message(tmp_path, capsys):
     directory = copy_checkpoint(tmp_path, lambda t: t.pop(QKV))
     assert main(["export", str(directory), "-o", str(tmp_path / "b")]) == 1
     assert "Wqkv" in capsys.readouterr().err
+
+
+def quiet(line: str) -> None:
+    pass
+
+
+def test_unsupported_opset_is_refused_before_loading(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "resolve_source", lambda *a: pytest.fail("loaded anyway"))
+    for opset in (16, 17, 26, True, "18"):
+        with pytest.raises(ValueError, match="opset must be an int from 18 to 25"):
+            export_bundle(str(CHECKPOINT), tmp_path / "b", opset=opset, report=quiet)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_requested_opset_is_what_the_graphs_have(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    result = export_bundle(str(CHECKPOINT), tmp_path / "b", opset=MAX_OPSET, report=quiet)
+    assert result.ok and [g.tower for g in result.graphs] == ["text", "vision"]
+    for graph in result.graphs:
+        model = onnx.load(str(graph.path), load_external_data=False)
+        assert [o.version for o in model.opset_import if o.domain == ""] == [MAX_OPSET]
+    assert result.manifest.versions["opset"] == str(MAX_OPSET)
+
+
+def test_a_graph_left_at_another_opset_fails_the_export(tmp_path, monkeypatch):
+    # Below 18 the exporter keeps opset 18 when it cannot convert; that must not pass as 16.
+    monkeypatch.setattr(pipeline, "check_opset", lambda opset: opset)
+    with pytest.raises(RuntimeError, match=r"text.onnx has opset \[18\], not the requested 16"):
+        export_bundle(str(CHECKPOINT), tmp_path / "b", towers=["text"], opset=16, report=quiet)
+    assert list(tmp_path.iterdir()) == []
