@@ -14,7 +14,7 @@ from clipedge.bundle.manifest import Manifest
 from .bundle_writer import copy_support_files, write_manifest
 from .onnx_export import ExportedGraph, export_tower
 from .opset import DEFAULT_OPSET, check_opset
-from .source import resolve_source
+from .source import CheckpointSource, resolve_source
 from .verify import Verification, verify_graph
 from .weights import load_towers
 
@@ -67,10 +67,13 @@ def export_bundle(
     bundle_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.", dir=bundle_dir.parent))
     try:
-        result = _export_into(staging, source, towers, opset, token_states, revision, report)
-        if bundle_dir.exists():
-            shutil.rmtree(bundle_dir)
-        staging.rename(bundle_dir)
+        checkpoint, graphs, verifications = _export_towers(
+            staging, source, towers, opset, token_states, revision, report
+        )
+        report(f"[save] bundle {bundle_dir}")
+        copy_support_files(checkpoint, staging)
+        manifest = write_manifest(checkpoint, graphs, staging, opset)
+        _move_into_place(staging, bundle_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     graphs = [
@@ -79,20 +82,36 @@ def export_bundle(
             path=bundle_dir / g.path.name,
             external_data=bundle_dir / g.external_data.name if g.external_data else None,
         )
-        for g in result.graphs
+        for g in graphs
     ]
-    return ExportResult(bundle_dir, result.manifest, graphs, result.verifications)
+    return ExportResult(bundle_dir, manifest, graphs, verifications)
 
 
-def _export_into(
-    bundle_dir: Path,
+def _move_into_place(staging: Path, target: Path) -> None:
+    """Rename the finished bundle to `target`. An old bundle is renamed aside first and deleted
+    only after, so `target` never holds a half-deleted bundle, even when interrupted."""
+    aside = staging.with_name(staging.name + ".old")
+    if target.exists():
+        target.rename(aside)
+    try:
+        staging.rename(target)
+    except OSError:
+        if aside.exists():
+            aside.rename(target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _export_towers(
+    out_dir: Path,
     source: str,
     towers: Sequence[str],
     opset: int,
     token_states: bool,
     revision: str | None,
     report: Callable[[str], None],
-) -> ExportResult:
+) -> tuple[CheckpointSource, list[ExportedGraph], list[Verification]]:
+    """Load, export and verify one tower at a time into `out_dir`."""
     report(f"[load] resolving checkpoint {source}")
     checkpoint = resolve_source(source, revision)
     store = checkpoint.open_tensors()
@@ -101,7 +120,7 @@ def _export_into(
         report(f"[load] building the {tower} tower (LoRA merged, strict key check)")
         module = load_towers(checkpoint.config, store, [tower], pooled=not token_states)[tower]
         report(f"[export] {tower}.onnx (opset {opset})")
-        graph = export_tower(module, tower, checkpoint.config, bundle_dir, opset)
+        graph = export_tower(module, tower, checkpoint.config, out_dir, opset)
         report(f"[export] {tower}.onnx ops: {graph.report.histogram_text()}")
         if not graph.report.ok:
             raise ExportError(f"{tower}.onnx is not TensorRT-ready: {graph.report.problems}")
@@ -116,7 +135,4 @@ def _export_into(
         verifications.append(check)
         del module
         gc.collect()
-    report(f"[save] bundle {bundle_dir}")
-    copy_support_files(checkpoint, bundle_dir)
-    manifest = write_manifest(checkpoint, graphs, bundle_dir, opset)
-    return ExportResult(bundle_dir, manifest, graphs, verifications)
+    return checkpoint, graphs, verifications

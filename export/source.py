@@ -54,6 +54,8 @@ def resolve_source(source: str, revision: str | None = None) -> CheckpointSource
     if missing:
         raise SourceError(f"{directory} lacks {', '.join(missing)}")
     raw = json.loads((directory / "config.json").read_text())
+    # What was exported, by content: the architecture and the weights.
+    origin["config_sha256"] = sha256_file(directory / "config.json")
     origin["weights_sha256"] = sha256_file(directory / WEIGHTS_FILE)
     return CheckpointSource(directory, origin, raw, parse_config(raw))
 

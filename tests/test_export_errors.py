@@ -1,5 +1,5 @@
 """Checkpoint loading and the export's refusals: strictness, clear errors, config defaults,
-bf16, hub fallback, opset range, CLI."""
+bf16, hub fallback, opset range, the output folder (no partial bundle), the manifest's source."""
 
 from __future__ import annotations
 
@@ -181,3 +181,59 @@ def test_a_graph_left_at_another_opset_fails_the_export(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"text.onnx has opset \[18\], not the requested 16"):
         export_bundle(str(CHECKPOINT), tmp_path / "b", towers=["text"], opset=16, report=quiet)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_non_empty_folder_needs_overwrite_which_removes_stale_files(tmp_path):
+    target = tmp_path / "bundle"
+    target.mkdir()
+    (target / "text.int8.onnx").write_bytes(b"stale graph of an older export")
+    with pytest.raises(ValueError, match="not empty; pass --overwrite"):
+        export_bundle(str(CHECKPOINT), target, towers=["vision"], report=quiet)
+    assert [p.name for p in target.iterdir()] == ["text.int8.onnx"]
+    export_bundle(str(CHECKPOINT), target, towers=["vision"], report=quiet, overwrite=True)
+    manifest = json.loads((target / "clipedge.json").read_text())
+    assert sorted(p.name for p in target.iterdir()) == sorted([*manifest["files"], "clipedge.json"])
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no staging folder left
+
+
+def test_cli_refuses_a_non_empty_folder(tmp_path, capsys):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("mine")
+    assert main(["export", str(CHECKPOINT), "-o", str(tmp_path / "b")]) == 1
+    assert "pass --overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_failed_export_leaves_no_partial_bundle(tmp_path, monkeypatch, overwrite):
+    def fail(*args, **kwargs):
+        raise RuntimeError("verification crashed")
+
+    target = tmp_path / "bundle"
+    if overwrite:  # the old bundle stays as it was
+        target.mkdir()
+        (target / "clipedge.json").write_text("{}")
+    monkeypatch.setattr(pipeline, "verify_graph", fail)
+    with pytest.raises(RuntimeError, match="verification crashed"):
+        export_bundle(str(CHECKPOINT), target, towers=["text"], report=quiet, overwrite=overwrite)
+    assert [p.name for p in tmp_path.iterdir()] == (["bundle"] if overwrite else [])
+    if overwrite:
+        assert [p.name for p in target.iterdir()] == ["clipedge.json"]
+
+
+def test_manifest_names_the_source_by_name_and_hashes_only(tiny_bundle):
+    text = (tiny_bundle / "clipedge.json").read_text()
+    source = json.loads(text)["source"]
+    assert source["kind"] == "local" and source["name"] == "checkpoint"
+    assert len(source["config_sha256"]) == 64 and len(source["weights_sha256"]) == 64
+
+    def strings(value) -> list[str]:
+        if isinstance(value, dict):
+            value = [*value, *value.values()]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    absolute = [s for s in strings(json.loads(text)) if Path(s).is_absolute()]
+    assert absolute == []
+    for path in (CHECKPOINT.parent, tiny_bundle, Path.home()):
+        assert str(path) not in text
