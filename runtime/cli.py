@@ -1,9 +1,12 @@
-"""The `clipedge` command: a table of subcommands, each imported only when it is needed.
+"""The `clipedge` command: a table of subcommands, each module imported only when it runs.
 
-Each module in `COMMANDS` adds its subparser(s) with `add_commands(subparsers)` (importing
-nothing heavy) and imports its dependencies inside its handler, so `clipedge --help` works on
-the base install. A missing optional dependency is reported here, once, with the extra to
-install. Adding a command is a module with `add_commands` plus one line in `COMMANDS`.
+A command's module adds its subparser(s) with `add_commands(subparsers)` and imports its
+heavy dependencies inside its handler. Only the module of the command being run is imported
+(all of them only to list the commands in `--help` or a usage error), so one command's
+missing extra never breaks another. A missing optional dependency, wherever a command meets
+it, is reported here, once, with the extra that installs it.
+
+Adding a command: its module, one line in `COMMANDS`, and its optional imports in `EXTRAS`.
 """
 
 from __future__ import annotations
@@ -15,42 +18,67 @@ import sys
 
 from . import __version__
 
-# Module -> the pip extra its commands need (None: the base install).
-COMMANDS: dict[str, str | None] = {
-    "clipedge.export.cli": "export",
-    "clipedge.calibration.cli": "export",
-    "clipedge.tensorrt_cli": "tensorrt",
-    "clipedge.serve.cli": "serve",
-    "clipedge.embed.cli": "batch",
+# Subcommand -> the module that defines it.
+COMMANDS: dict[str, str] = {
+    "export": "clipedge.export.cli",
+    "calibrate": "clipedge.calibration.cli",
+    "build-engine": "clipedge.tensorrt_cli",
+    "verify": "clipedge.tensorrt_cli",
+    "serve": "clipedge.serve.cli",
+    "embed": "clipedge.embed.cli",
+}
+
+# Top-level import name of an optional dependency -> the extra (pyproject.toml) that has it.
+EXTRAS: dict[str, str] = {
+    "torch": "export",
+    "safetensors": "export",
+    "onnx": "export",
+    "onnxscript": "export",
+    "huggingface_hub": "export",
+    "openvino": "openvino",
+    "nncf": "nncf",
+    "cuda": "tensorrt",
+    "polygraphy": "tensorrt",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "prometheus_client": "serve",
+    "pyarrow": "batch",
+    "ray": "ray",
 }
 
 
-def _extra_hint(module: str, missing: str) -> str:
-    extra = COMMANDS.get(module)
-    install = f"pip install 'clipedge[{extra}]'" if extra else "reinstall clipedge"
-    return f"this command needs the {extra or 'base'} install (missing module {missing}): {install}"
+def _command(argv: list[str]) -> str | None:
+    """The subcommand: the first word that is not an option (global options take no value)."""
+    return next((word for word in argv if not word.startswith("-")), None)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with `command`'s module imported, or every command's when it is not one."""
     parser = argparse.ArgumentParser(
         prog="clipedge", description="jina-clip-v2 outside PyTorch: export, calibrate, run."
     )
     parser.add_argument("--version", action="version", version=f"clipedge {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module in COMMANDS:
+    modules = [COMMANDS[command]] if command in COMMANDS else dict.fromkeys(COMMANDS.values())
+    for module in modules:
         importlib.import_module(module).add_commands(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        args = build_parser(_command(argv)).parse_args(argv)
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
         return args.handler(args)
     except ModuleNotFoundError as exc:
+        extra = EXTRAS.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
         print(
-            f"clipedge {args.command}: {_extra_hint(args.handler.__module__, exc.name)}",
+            f"clipedge: {exc.name} is not installed; it comes with the {extra} extra: "
+            f"pip install 'clipedge[{extra}]'",
             file=sys.stderr,
         )
         return 2
