@@ -501,3 +501,18 @@ def test_ep_context_without_the_provider_is_a_clear_error(tiny_bundle, tmp_path,
 
     assert main(["build-engine", str(tiny_bundle), "--ep-context", "--precision", "fp32"]) == 1
     assert "TensorRT provider is not in this onnxruntime" in capsys.readouterr().out
+
+
+def test_tensorrt_and_cuda_are_not_imported_by_default(tiny_bundle):
+    """`import clipedge` and loading a bundle without engines touch neither TensorRT nor CUDA."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, clipedge\n"
+        f"clipedge.load({str(tiny_bundle)!r}).encode_text('a')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('tensorrt', 'tensorrt_rtx', 'tensorrt_lean', 'cuda')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -137,6 +137,14 @@ def _check(result: Any) -> Any:
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def stream_handle(stream: Any) -> int:
+    """The integer handle TensorRT takes for a cuda-bindings `cudaStream_t`."""
+    try:
+        return int(stream)
+    except TypeError:
+        return int(stream.getPtr())
+
+
 def query_gpu(device: int = 0) -> tuple[str | None, str | None]:
     """(name, "major.minor") of a CUDA device; (None, None) when cuda-bindings, the driver or
     the device is missing (CUDA reports an error code there, no crash)."""
@@ -247,7 +255,7 @@ class _Context:
         rt = cudart()
         kind = rt.cudaMemcpyKind
         if profile != self.profile:
-            if not self.context.set_optimization_profile_async(profile, int(self.stream)):
+            if not self.context.set_optimization_profile_async(profile, stream_handle(self.stream)):
                 raise RuntimeError(f"TensorRT refused optimisation profile {profile}")
             self.profile = profile
             for name, pointer in self.device.items():  # addresses are per profile
@@ -266,7 +274,7 @@ class _Context:
                     self.stream,
                 )
             )
-        if not self.context.execute_async_v3(int(self.stream)):
+        if not self.context.execute_async_v3(stream_handle(self.stream)):
             raise RuntimeError("TensorRT execute_async_v3 failed (see its log)")
         shapes = {name: tuple(self.context.get_tensor_shape(name)) for name in self.outputs}
         for name in self.outputs:
