@@ -108,7 +108,7 @@ class ClipEdgeModel:
         self.manifest: Manifest = read_manifest(self.bundle_dir)
         check_files(self.bundle_dir, self.manifest, verify_checksums)
         self.plan: ExecutionPlan = plan_execution(
-            self.manifest, self.bundle_dir, backend, precision
+            self.manifest, self.bundle_dir, backend, precision, backend_options
         )
         self.backend_options = self._backend_options(backend_options, threads)
         self._sessions: dict[str, TowerSession] = {}

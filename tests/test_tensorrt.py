@@ -24,6 +24,8 @@ import clipedge
 from clipedge.bundle.manifest import BundleError, read_manifest
 from clipedge.engine import plan as plan_module
 from clipedge.engine import tensorrt_backend
+from clipedge.engine.onnxruntime_backend import TensorrtEpOptions
+from clipedge.engine.tensorrt_backend import TensorrtOptions
 from clipedge.engine.tensorrt_engines import (
     MANIFEST_KEY,
     RTX_COMPUTE_CAPABILITIES,
@@ -384,6 +386,11 @@ def test_plan_prefers_native_engines_that_run_here(engines_bundle, monkeypatch):
         "vision": "int8",
     }
     assert plan_module.plan_execution(manifest, bundle, "tensorrt").backend == "tensorrt-native"
+    # options for onnxruntime's TensorRT provider ask for the provider, not the engines
+    ep_options = TensorrtEpOptions()
+    assert plan_module.choose_backend("tensorrt", manifest, ep_options) != "tensorrt-native"
+    assert plan_module.choose_backend("auto", manifest, ep_options) != "tensorrt-native"
+    assert plan_module.choose_backend("tensorrt", manifest, TensorrtOptions()) == "tensorrt-native"
     # an engine built from another graph is not used
     data = json.loads((bundle / "clipedge.json").read_text())
     for entry in data["towers"]["vision"][MANIFEST_KEY]:

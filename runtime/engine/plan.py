@@ -29,7 +29,8 @@ PREFERENCE = {
 # `auto` takes the first available GPU backend; else OpenVINO for bundles built for it.
 AUTO_GPU_ORDER = ("tensorrt", "cuda")
 # `auto` and "tensorrt" run the bundle's native engines when every tower has one for this
-# machine (clipedge build-engine), else onnxruntime's TensorRT provider.
+# machine (clipedge build-engine), else onnxruntime's TensorRT provider; options for another
+# backend (`TensorrtEpOptions` with "tensorrt") say the caller wants that backend instead.
 NATIVE = "tensorrt-native"
 
 
@@ -103,10 +104,12 @@ def prefers_openvino(towers_graphs: list[dict[str, GraphEntry]]) -> bool:
     )
 
 
-def choose_backend(requested: str, manifest: Manifest) -> str:
+def choose_backend(requested: str, manifest: Manifest, options: object = None) -> str:
     """The backend that will run: the one asked for (or its fallback, with a warning, when it
-    is not available here), or for `auto` the fastest available for this bundle."""
-    if requested in ("auto", "tensorrt") and _native_runs(manifest):
+    is not available here), or for `auto` the fastest available for this bundle. `options`,
+    the caller's backend options, rule out native engines when they are another backend's."""
+    native_options = options is None or isinstance(options, get_backend(NATIVE).options_type)
+    if requested in ("auto", "tensorrt") and native_options and _native_runs(manifest):
         log.info("backend %s: using the bundle's native TensorRT engines", requested)
         return NATIVE
     if requested == "auto":
@@ -139,10 +142,14 @@ def _native_runs(manifest: Manifest) -> bool:
 
 
 def plan_execution(
-    manifest: Manifest, bundle_dir: Path, backend: str = "auto", precision: str | None = None
+    manifest: Manifest,
+    bundle_dir: Path,
+    backend: str = "auto",
+    precision: str | None = None,
+    options: object = None,
 ) -> ExecutionPlan:
     """Backend and, per tower, precision and graph file for this bundle on this machine."""
-    name = choose_backend(backend, manifest)
+    name = choose_backend(backend, manifest, options)
     device = get_backend(name).device
     towers = {}
     for tower_name, tower in manifest.towers.items():
