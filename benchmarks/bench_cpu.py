@@ -60,6 +60,10 @@ ENGINES = {  # run in this order (the reference first), so a cut-short run has t
     "torch-eager-fp32": "PyTorch eager, fp32",
 }
 REFERENCE = "ort-fp32"
+# Batch users' rate (items per second) at these batch sizes; texts of 32 tokens. OpenVINO is
+# measured in both of its modes: one request on every core, and streams run side by side.
+RATE_BATCHES = (8, 32)
+RATE_MODES = {"ov-int8": ("latency", "throughput"), "ort-dynamic-int8": ("latency",)}
 MIN_RUNS, MAX_RUNS, TIME_BUDGET_S = 5, 12, 30.0
 SLOW_MIN_RUNS = 2  # engines slower than TIME_BUDGET_S / MIN_RUNS per call
 
@@ -207,7 +211,9 @@ def prepare_graph(engine: str, tower: str, bundle: Path, work: Path) -> tuple[Pa
     return target, time.perf_counter() - start
 
 
-def load_engine(engine: str, tower: str, args: argparse.Namespace) -> tuple[Runner, dict[str, Any]]:
+def load_engine(
+    engine: str, tower: str, args: argparse.Namespace, mode: str = "latency"
+) -> tuple[Runner, dict[str, Any]]:
     """A runner for one engine and tower, and what loading it cost."""
     if engine.startswith("torch"):
         return _load_torch(engine, tower, args)
@@ -219,13 +225,14 @@ def load_engine(engine: str, tower: str, args: argparse.Namespace) -> tuple[Runn
 
         cache = args.work / "ov-cache" / engine / tower
         shutil.rmtree(cache, ignore_errors=True)
-        options = OpenVinoOptions(threads=args.threads, cache_dir=cache)
+        options = OpenVinoOptions(threads=args.threads, cache_dir=cache, mode=mode)
         session = OpenVinoSession(graph, options)
         info["startup_s"] = time.perf_counter() - start
         del session
         start = time.perf_counter()
         session = OpenVinoSession(graph, options)
         info["startup_cached_s"] = time.perf_counter() - start
+        info["streams"] = session.streams
         info["cache_bytes"] = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
     else:
         from clipedge.engine.onnxruntime_backend import OnnxruntimeOptions, OrtSession
@@ -292,6 +299,37 @@ def time_case(run: Runner, feed: Feed) -> dict[str, Any]:
     }
 
 
+def rate_inputs(bundle: Path, tower: str, batch: int) -> Feed:
+    """A batch of `batch` held-out images (cycled) or 32-token texts."""
+    import clipedge
+
+    if tower == "vision":
+        images = case_inputs(bundle)["image_1x512px"]
+        pixels = [images[i % len(images)]["pixel_values"] for i in range(batch)]
+        return {"pixel_values": np.concatenate(pixels)}
+    model = clipedge.load(bundle, backend="cpu")
+    return _text_feed(model, _texts(random.Random(3), batch, 40), 32)
+
+
+def measure_rates(engine: str, tower: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Items per second per mode and batch size, against the same engine's batch-1 rate."""
+    rates: dict[str, Any] = {}
+    single = rate_inputs(args.bundle, tower, 1)
+    for mode in RATE_MODES[engine]:
+        run, info = load_engine(engine, tower, args, mode)
+        rates[mode] = {"streams": info.get("streams", 1)}
+        for batch in (1, *RATE_BATCHES):
+            feed = single if batch == 1 else rate_inputs(args.bundle, tower, batch)
+            timing = time_case(run, feed)
+            rates[mode][str(batch)] = {
+                "items_per_s": 1000 * batch / timing["median_ms"],
+                "median_ms": timing["median_ms"],
+                "n": timing["n"],
+            }
+        del run
+    return rates
+
+
 def cosines(outputs: np.ndarray, reference: np.ndarray) -> np.ndarray:
     outputs, reference = outputs.astype(np.float64), reference.astype(np.float64)
     dots = (outputs * reference).sum(axis=1)
@@ -314,6 +352,9 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     reference = np.load(reference_file)
     scores = np.concatenate([cosines(outputs[c], reference[c]) for c in outputs])
     result["cosine_mean"], result["cosine_min"] = float(scores.mean()), float(scores.min())
+    if engine in RATE_MODES and args.rates:
+        del run
+        result["rates"] = measure_rates(engine, tower, args)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     return result
 
@@ -354,6 +395,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                 str(args.threads),
                 "--out",
                 str(out),
+                *(["--rates"] if args.rates else []),
             ]
             print(f"[{engine}] {tower} ...", flush=True)
             start = time.perf_counter()
@@ -446,7 +488,64 @@ def markdown(results: dict[str, Any]) -> str:
         "Times: median (minimum, number of timed runs) after a warm-up; ✓ meets the goal. "
         "First call: the first run at each shape (torch.compile compiles there).",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines) + rates_markdown(results)
+
+
+def rates_markdown(results: dict[str, Any]) -> str:
+    """Items per second per engine, mode and batch size (when measured with --rates)."""
+    lines = []
+    for engine, result in results["engines"].items():
+        for tower in ("vision", "text"):
+            for mode, rates in result.get(tower, {}).get("rates", {}).items():
+                cells = [f"{rates[b]['items_per_s']:.2f}" for b in ("1", *map(str, RATE_BATCHES))]
+                lines.append(
+                    f"| {engine} | {tower} | {mode} ({rates['streams']} stream(s)) | "
+                    + " | ".join(cells)
+                    + " |"
+                )
+    if not lines:
+        return ""
+    batches = " | ".join(f"batch {b}" for b in (1, *RATE_BATCHES))
+    header = [
+        "",
+        f"| engine | tower | mode | {batches} |",
+        "| --- | --- | --- |" + " ---: |" * (1 + len(RATE_BATCHES)),
+    ]
+    return "\n".join(header + lines)
+
+
+def render_charts(results: dict[str, Any], floor: dict | None, folder: Path) -> list[Path]:
+    """One PNG per case: seconds per engine (cosine >= 0.99 only), the int8 floor as a line."""
+    from charts import Line, bar_chart
+
+    machine = results["machine"]
+    subtitle = f"{machine['cpu']}, {machine['threads_used']} threads, batch as in the case"
+    written = []
+    for case, (tower, _, _) in CASES.items():
+        labels, values = [], []
+        for engine, result in results["engines"].items():
+            entry = result.get(tower, {})
+            timing = entry.get("cases", {}).get(case)
+            if timing and entry.get("cosine_min", 0) >= 0.99:
+                labels.append(engine)
+                values.append(timing["median_ms"] / 1000)
+        if not values:
+            continue
+        lines = [Line(results["goal_s"][case], "goal")]
+        if floor:
+            lines.insert(0, Line(floor["cases"][case]["floor_int8_s"], "int8 floor (bench_floor)"))
+        written.append(
+            bar_chart(
+                folder / f"cpu-{case}.png",
+                f"{case}: seconds per call",
+                labels,
+                values,
+                "s",
+                lines,
+                subtitle,
+            )
+        )
+    return written
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -456,6 +555,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, help="quantised graphs, caches, reference outputs")
     parser.add_argument("--out", type=Path, help="JSON results")
     parser.add_argument("--render", type=Path, help="print the table of an earlier --out and stop")
+    parser.add_argument("--charts", type=Path, help="with --render: write PNG charts here")
+    parser.add_argument("--floor", type=Path, help="bench_floor.py JSON: the floor in charts")
+    parser.add_argument(
+        "--rates", action="store_true", help=f"also items/s at batch {RATE_BATCHES} per mode"
+    )
     parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES))
     parser.add_argument(
         "--towers", nargs="+", choices=["text", "vision"], default=["text", "vision"]
@@ -470,7 +574,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.render:
-        print(markdown(json.loads(args.render.read_text())))
+        results = json.loads(args.render.read_text())
+        print(markdown(results))
+        if args.charts:
+            floor = json.loads(args.floor.read_text()) if args.floor else None
+            for path in render_charts(results, floor, args.charts):
+                print(f"wrote {path}")
         return
     if None in (args.bundle, args.checkpoint, args.work, args.out):
         raise SystemExit("--bundle, --checkpoint, --work and --out are required")

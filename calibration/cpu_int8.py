@@ -1,4 +1,4 @@
-"""int8 graphs for CPUs: onnxruntime's CPU execution provider and OpenVINO.
+"""int8 graphs for onnxruntime's CPU execution provider.
 
 onnxruntime forms (`quantize_cpu`), because they hit different CPU kernels:
 
@@ -16,10 +16,7 @@ image 2.6 s, 8x32 text 0.30 s, cosine >= 0.993. The static forms were slower (im
 8x32 text 0.64-0.89 s), reached only 0.98-0.99 cosine on the image and took ~20 GB to
 calibrate the vision tower (onnxruntime records every MatMul tensor, attention maps included).
 
-OpenVINO form (`quantize_openvino`): NNCF post-training int8 saved as OpenVINO IR, with
-attention kept in the inference precision (bf16) and the vision MLP output projections on
-bf16 inputs with int8 weights: the fastest CPU path measured (bench_cpu run 3: image 2.16 s,
-8x32 text 0.22 s, 1x512 text 0.52 s; held-out cosine 0.9925 image, 0.9990 text).
+The OpenVINO form (`int8-ov`) is NNCF's, in `openvino_int8.py`.
 
 Every form keeps the graph's inputs and outputs, so the runtime loads it like the fp32 graph.
 """
@@ -28,7 +25,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -122,78 +118,4 @@ def quantize_cpu(
             "CalibStridedMinMax": 1,
         },
     )
-    return dst
-
-
-def activation_matmuls(model: Any) -> list[str]:
-    """Names of an OpenVINO model's MatMuls that multiply two activations (attention)."""
-
-    def is_constant(node: Any) -> bool:
-        while node.get_type_name() in ("Convert", "Reshape", "Transpose") and node.inputs():
-            if (
-                node.get_type_name() != "Convert"
-                and node.input_value(0).get_node().get_type_name() != "Constant"
-            ):
-                return False
-            node = node.input_value(0).get_node()
-        return node.get_type_name() == "Constant"
-
-    return [
-        op.get_friendly_name()
-        for op in model.get_ordered_ops()
-        if op.get_type_name() == "MatMul"
-        and not any(is_constant(op.input_value(i).get_node()) for i in range(2))
-    ]
-
-
-def quantize_openvino(
-    src: Path,
-    dst: Path,
-    feeds: list[dict[str, np.ndarray]],
-    exclude_nodes: Iterable[str] = (),
-    smooth_quant_alpha: float = -1.0,
-    attention_int8: bool = False,
-    weight_only_nodes: Iterable[str] = (),
-) -> Path:
-    """NNCF post-training int8 of an fp32 graph for OpenVINO, saved as IR (`dst` ends in .xml).
-
-    TRANSFORMER preset (asymmetric activations, per-channel symmetric weights, fast bias
-    correction). SmoothQuant is off by default (a negative alpha): with NNCF's default 0.95 the
-    tiny tower fell to cosine 0.975 against 0.998 without it. Attention's activation x
-    activation MatMuls stay bf16 unless `attention_int8`.
-    """
-    import nncf
-    import openvino as ov
-
-    model = ov.Core().read_model(str(src))
-    exclude = list(exclude_nodes)
-    weight_only = set(weight_only_nodes) - set(exclude)
-    ignored = [*exclude, *weight_only]
-    if not attention_int8:
-        ignored += activation_matmuls(model)
-    advanced = nncf.AdvancedQuantizationParameters(
-        smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=smooth_quant_alpha)
-    )
-    quantized = nncf.quantize(
-        model,
-        nncf.Dataset(feeds),
-        model_type=nncf.ModelType.TRANSFORMER,
-        subset_size=len(feeds),
-        fast_bias_correction=True,
-        ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
-        advanced_parameters=advanced,
-    )
-    if weight_only:
-        others = [
-            op.get_friendly_name()
-            for op in quantized.get_ordered_ops()
-            if op.get_type_name() == "MatMul" and op.get_friendly_name() not in weight_only
-        ]
-        quantized = nncf.compress_weights(
-            quantized,
-            mode=nncf.CompressWeightsMode.INT8_SYM,
-            ignored_scope=nncf.IgnoredScope(names=others, validate=False),
-        )
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    ov.save_model(quantized, str(dst), compress_to_fp16=False)
     return dst

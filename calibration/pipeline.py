@@ -29,13 +29,12 @@ from .report import (
     cpu_session,
     format_table,
     graph_bytes,
-    pooled_embeddings,
     recall_at_k,
     timed_embeddings,
     weights_file,
     write_report,
 )
-from .search import search_fallback
+from .search import HeldOut, search_fallback
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +54,12 @@ def _tower_precision(
     fp32_graph: Path,
     calib_feeds: Sequence[Feed],
     held_feeds: Sequence[Feed],
-    reference_calib: np.ndarray,
     reference_held: np.ndarray,
     fp32_ms: float,
     method: str,
     target: float,
     search: bool,
+    report: Callable[[str], None],
 ) -> tuple[TowerAccuracy, np.ndarray]:
     spec = PRECISIONS[precision]
     convert = spec.make_converter(fp32_graph, calib_feeds, method)
@@ -73,11 +72,10 @@ def _tower_precision(
             convert,
             blocks,
             _other_nodes(graph_model, blocks),
-            tower,
-            calib_feeds,
-            reference_calib,
+            HeldOut(tower, held_feeds, reference_held),
             target,
             destination,
+            report=lambda line: report(f"[calibrate] {tower} {precision}: {line}"),
         )
         fp32_blocks = result.fp32_blocks
     else:
@@ -136,7 +134,6 @@ def calibrate_bundle(
         calib_feeds = tower_feeds(model, tower, calibration, held_out=False)
         held_feeds = tower_feeds(model, tower, calibration, held_out=True)
         fp32 = cpu_session(fp32_graph)
-        reference_calib = pooled_embeddings(fp32, tower, calib_feeds)
         reference_held, fp32_ms = timed_embeddings(fp32, tower, held_feeds)
         del fp32
         held_embeddings[(tower, "fp32")] = reference_held
@@ -150,12 +147,12 @@ def calibrate_bundle(
                 fp32_graph,
                 calib_feeds,
                 held_feeds,
-                reference_calib,
                 reference_held,
                 fp32_ms,
                 method,
                 target,
                 search,
+                report,
             )
             report(
                 f"[calibrate] {tower} {precision}: min cosine {accuracy.cosine_min:.5f} "

@@ -1,27 +1,36 @@
-"""Mixed-precision search: keep the most sensitive blocks in higher precision until a target.
+"""Mixed-precision search: keep the most sensitive units (blocks, or layer kinds inside blocks)
+in higher precision until a target, judged on the held-out set the report uses.
 
-1. Convert the whole tower; if it meets the target cosine, done.
-2. Sensitivity: convert one block at a time (everything else left in float) and measure the
-   drift of the pooled output (1 - min cosine to fp32) on the calibration feeds.
-3. Fall back the k most sensitive blocks, with k found by binary search (accuracy grows with
-   k, so about log2(blocks) conversions instead of one per block).
+1. Convert the whole tower; if its minimum cosine on the held-out feeds meets the target, done.
+2. Rank the units cheaply: convert one unit at a time (everything else float) and measure it
+   on the few held-out batches the whole-tower graph got most wrong (they decide the minimum).
+3. Keep the k most sensitive units float, k found by binary search on the whole held-out set
+   (accuracy grows with k: about log2(units) conversions instead of one per unit).
+
+Every step prints what it did and, from the time of the first conversion, how long the rest
+will take. Converters that quantise once and derive variants (OpenVINO) make steps 2-3 cost a
+compile and a few batches each; the others convert again per trial.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .feeds import Feed
 from .report import cosine_stats, cpu_session, pooled_embeddings, weights_file
 
 log = logging.getLogger(__name__)
 
-# convert(exclude_nodes, destination) -> graph path: any of the precision converters.
+# convert(keep_float_nodes, destination) -> graph path: any of the precision converters.
 Converter = Callable[[Sequence[str], Path], Path]
+# The held-out batches with the lowest cosine under the whole-tower conversion rank the units.
+RANKING_BATCHES = 2
 
 
 @dataclass(frozen=True)
@@ -32,75 +41,106 @@ class SearchResult:
     sensitivity: dict[str, float]
 
 
-def _min_cosine(graph: Path, tower: str, feeds: Sequence[dict], reference: np.ndarray) -> float:
-    embeddings = pooled_embeddings(cpu_session(graph), tower, feeds)
-    return cosine_stats(reference, embeddings)["cosine_min"]
+class HeldOut:
+    """The held-out feeds and their fp32 embeddings, scored per batch."""
+
+    def __init__(self, tower: str, feeds: Sequence[Feed], reference: np.ndarray) -> None:
+        self.tower, self.feeds = tower, list(feeds)
+        sizes = [len(next(iter(feed.values()))) for feed in self.feeds]
+        bounds = np.cumsum([0, *sizes])
+        self.references = [reference[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def batch_minimums(self, graph: Path, batches: Sequence[int] | None = None) -> list[float]:
+        """Minimum cosine to fp32 of each batch (all of them, or the ones given)."""
+        session = cpu_session(graph)
+        chosen = range(len(self.feeds)) if batches is None else batches
+        return [
+            cosine_stats(
+                self.references[i], pooled_embeddings(session, self.tower, [self.feeds[i]])
+            )["cosine_min"]
+            for i in chosen
+        ]
 
 
-def block_sensitivity(
-    convert: Converter,
-    blocks: dict[str, list[str]],
-    other_nodes: Sequence[str],
-    tower: str,
-    feeds: Sequence[dict],
-    reference: np.ndarray,
-    destination: Path,
-) -> dict[str, float]:
-    """Drift (1 - min cosine) when only that block is converted.
-
-    Each trial graph is written beside `destination` (same format) and removed after use.
-    """
-    drift = {}
-    for block in blocks:
-        keep_float = [n for b, ns in blocks.items() if b != block for n in ns] + list(other_nodes)
-        trial = destination.with_name(f"sensitivity-{block}{destination.suffix}")
-        graph = convert(keep_float, trial)
-        drift[block] = 1.0 - _min_cosine(graph, tower, feeds, reference)
-        log.info("sensitivity %s %s: drift %.6f", tower, block, drift[block])
-        _remove_graph(graph)
-    return drift
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 def search_fallback(
     convert: Converter,
-    blocks: dict[str, list[str]],
+    units: dict[str, list[str]],
     other_nodes: Sequence[str],
-    tower: str,
-    feeds: Sequence[dict],
-    reference: np.ndarray,
+    held_out: HeldOut,
     target_cosine: float,
     destination: Path,
+    report: Callable[[str], None] = log.info,
 ) -> SearchResult:
-    """The fewest float blocks that meet `target_cosine` (all blocks float at worst)."""
+    """The fewest float units that meet `target_cosine` on `held_out` (all float at worst)."""
+    start = time.perf_counter()
     graph = convert([], destination)
-    best = _min_cosine(graph, tower, feeds, reference)
+    per_batch = held_out.batch_minimums(graph)
+    best = min(per_batch)
+    report(
+        f"whole tower converted: min cosine {best:.5f} on {len(held_out.references)} held-out "
+        f"batches (target {target_cosine}) in {_duration(time.perf_counter() - start)}"
+    )
     if best >= target_cosine:
         return SearchResult(graph, best, [], {})
-    sensitivity = block_sensitivity(
-        convert, blocks, other_nodes, tower, feeds, reference, destination
-    )
-    ranked = sorted(blocks, key=lambda b: -sensitivity[b])
-
-    built = {"k": 0}
+    ranking = [int(i) for i in np.argsort(per_batch)[:RANKING_BATCHES]]
+    sensitivity = _rank(convert, units, other_nodes, held_out, ranking, destination, report)
+    ranked = sorted(units, key=lambda unit: -sensitivity[unit])
 
     def attempt(k: int) -> float:
-        keep = [n for block in ranked[:k] for n in blocks[block]]
-        convert(keep, destination)
-        built["k"] = k
-        return _min_cosine(destination, tower, feeds, reference)
+        began = time.perf_counter()
+        convert([n for unit in ranked[:k] for n in units[unit]], destination)
+        score = min(held_out.batch_minimums(destination))
+        report(
+            f"  {k} float unit(s): min cosine {score:.5f} "
+            f"({_duration(time.perf_counter() - began)})"
+        )
+        return score
 
-    low, high = 0, len(ranked)  # k = low fails; k = high (all blocks float) is the fallback
-    results = {0: best}
+    low, high = 0, len(ranked)  # k = low fails; k = high (all float) is the fallback
+    steps = int(np.ceil(np.log2(max(2, len(ranked)))))
+    report(f"searching how many to keep float: at most {steps} conversions on all batches")
+    results, last = {0: best}, 0
     while high - low > 1:
         middle = (low + high) // 2
-        results[middle] = attempt(middle)
+        results[middle], last = attempt(middle), middle
         if results[middle] >= target_cosine:
             high = middle
         else:
             low = middle
-    if built["k"] != high:  # the last graph built may be a failing k: build the chosen one
+    if last != high:  # the last graph built may be a failing k: build the chosen one
         results[high] = attempt(high)
+    report(f"kept float: {', '.join(ranked[:high]) or 'none'}")
     return SearchResult(destination, results[high], ranked[:high], sensitivity)
+
+
+def _rank(
+    convert: Converter,
+    units: dict[str, list[str]],
+    other_nodes: Sequence[str],
+    held_out: HeldOut,
+    batches: Sequence[int],
+    destination: Path,
+    report: Callable[[str], None],
+) -> dict[str, float]:
+    """Drift (1 - min cosine on `batches`) when only that unit is converted."""
+    drift: dict[str, float] = {}
+    began = time.perf_counter()
+    for number, unit in enumerate(units, 1):
+        keep_float = [n for u, ns in units.items() if u != unit for n in ns] + list(other_nodes)
+        trial = destination.with_name(f"sensitivity-{unit}{destination.suffix}")
+        graph = convert(keep_float, trial)
+        drift[unit] = 1.0 - min(held_out.batch_minimums(graph, batches))
+        _remove_graph(graph)
+        each = (time.perf_counter() - began) / number
+        left = (
+            f", about {_duration(each * (len(units) - number))} left" if number < len(units) else ""
+        )
+        report(f"  ranked {number}/{len(units)} {unit}: drift {drift[unit]:.5f}{left}")
+    return drift
 
 
 def _remove_graph(graph: Path) -> None:

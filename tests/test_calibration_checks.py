@@ -137,11 +137,26 @@ class FakeConversions:
         self.calls.append(destination)
         return destination
 
-    def min_cosine(self, graph: Path, tower, feeds, reference) -> float:
+    def min_cosine(self, graph: Path) -> float:
         kept = self.kept[graph]
         drift = sum(d for b, d in DRIFT.items() if not set(self.blocks[b]) <= kept)
         drift += 0.0 if set(self.others) <= kept else OTHER_DRIFT
         return 1.0 - drift
+
+    @property
+    def held_out(self):
+        """A held-out set of three batches scoring the graph's min cosine, 0.001 and 0.002
+        better for the second and third (so ranking reads the first two)."""
+        fake = self
+
+        class HeldOut:
+            references = [None, None, None]
+
+            def batch_minimums(self, graph, batches=None):
+                scores = [fake.min_cosine(graph) + d for d in (0.0, 0.001, 0.002)]
+                return scores if batches is None else [scores[i] for i in batches]
+
+        return HeldOut()
 
     def cosine_with_float(self, blocks: list[str]) -> float:
         return 1.0 - OTHER_DRIFT - sum(d for b, d in DRIFT.items() if b not in blocks)
@@ -151,13 +166,13 @@ RANKED = sorted(DRIFT, key=lambda b: -DRIFT[b])
 
 
 @pytest.mark.parametrize("k", range(len(RANKED) + 1))
-def test_search_returns_the_fewest_ranked_blocks_that_meet_the_target(monkeypatch, tmp_path, k):
+def test_search_returns_the_fewest_ranked_blocks_that_meet_the_target(tmp_path, k):
     fake = FakeConversions()
-    monkeypatch.setattr(search, "_min_cosine", fake.min_cosine)
     target = fake.cosine_with_float(RANKED[:k])  # met with exactly k blocks, not with k - 1
     destination = tmp_path / "text.int8.onnx"
+    lines: list[str] = []
     result = search.search_fallback(
-        fake.convert, fake.blocks, fake.others, "text", [], None, target, destination
+        fake.convert, fake.blocks, fake.others, fake.held_out, target, destination, lines.append
     )
     assert result.fp32_blocks == RANKED[:k]
     assert result.min_cosine == pytest.approx(target, abs=1e-12) and result.min_cosine >= target
@@ -168,18 +183,54 @@ def test_search_returns_the_fewest_ranked_blocks_that_meet_the_target(monkeypatc
     assert result.sensitivity == (pytest.approx(DRIFT) if k else {})
     builds = fake.calls.count(destination)
     assert builds <= 2 + math.ceil(math.log2(len(DRIFT))), "binary search, not a linear scan"
+    # Progress: one line per ranked unit with the time left, and the units kept float.
+    ranked_lines = [line for line in lines if line.strip().startswith("ranked")]
+    assert len(ranked_lines) == (len(DRIFT) if k else 0)
+    assert all("left" in line for line in ranked_lines[:-1])
+    if k:
+        assert lines[-1] == f"kept float: {', '.join(RANKED[:k])}"
 
 
-def test_search_falls_back_every_block_when_the_target_is_out_of_reach(monkeypatch, tmp_path):
+def test_search_falls_back_every_block_when_the_target_is_out_of_reach(tmp_path):
     fake = FakeConversions()
-    monkeypatch.setattr(search, "_min_cosine", fake.min_cosine)
     destination = tmp_path / "g.onnx"
     result = search.search_fallback(
-        fake.convert, fake.blocks, fake.others, "text", [], None, 1.0, destination
+        fake.convert, fake.blocks, fake.others, fake.held_out, 1.0, destination
     )
     assert result.fp32_blocks == RANKED
     assert result.min_cosine == pytest.approx(1.0 - OTHER_DRIFT)
     assert fake.kept[destination] == {n for names in fake.blocks.values() for n in names}
+
+
+@pytest.mark.parametrize(
+    ("count", "held"), [(2, 1), (8, 4), (24, 12), (64, 32), (100, 32), (256, 64), (1000, 250)]
+)
+def test_held_out_set_is_at_least_32_where_half_the_items_allow(count, held, caplog):
+    from clipedge.calibration.data import MIN_HELD_OUT, split_held_out
+
+    items = list(range(count))
+    calibrate, held_out = split_held_out(items, 0.25)
+    assert len(held_out) == held and calibrate + held_out == items
+    assert not set(calibrate) & set(held_out)
+    warned = "held out to judge accuracy" in caplog.text
+    assert warned == (held < MIN_HELD_OUT)
+
+
+def test_held_out_batches_score_their_own_rows(tmp_path, monkeypatch):
+    """Each batch is scored against its own slice of the reference rows."""
+    reference = np.eye(5, dtype=np.float32)
+    feeds = [{"x": reference[:2]}, {"x": reference[2:5]}]
+    held_out = search.HeldOut("vision", feeds, reference)
+    flipped = {0: 1.0, 1: 1.0, 2: 1.0, 3: -1.0, 4: 1.0}  # row 3 points the other way
+
+    class Session:
+        def run(self, feed):
+            return feed["x"] * np.array([[flipped[int(np.argmax(r))]] for r in feed["x"]])
+
+    monkeypatch.setattr(search, "cpu_session", lambda graph: Session())
+    monkeypatch.setattr(search, "pooled_embeddings", lambda s, tower, fs: s.run(fs[0]))
+    assert held_out.batch_minimums(tmp_path) == pytest.approx([1.0, -1.0])
+    assert held_out.batch_minimums(tmp_path, [1]) == pytest.approx([-1.0])
 
 
 # -- the block search and the report on the tiny bundle ---------------------------------------
@@ -261,9 +312,7 @@ def test_search_meets_a_target_the_whole_tower_misses(vision_case):
         case["convert"],
         case["blocks"],
         case["others"],
-        "vision",
-        case["feeds"][False],
-        case["reference"][False],
+        search.HeldOut("vision", case["feeds"][True], case["reference"][True]),
         target,
         case["work"] / "vision.int8-cpu.onnx",
     )
@@ -277,7 +326,7 @@ def test_search_meets_a_target_the_whole_tower_misses(vision_case):
         embeddings = pooled_embeddings(session, "vision", case["feeds"][held])
         cosine = cosine_stats(case["reference"][held], embeddings)["cosine_min"]
         assert cosine >= target, ("held-out" if held else "calibration", cosine, target)
-        if not held:
+        if held:  # the search judged the held-out set, as the report does
             assert cosine == pytest.approx(result.min_cosine)
 
 

@@ -160,13 +160,16 @@ needs_nncf = pytest.mark.skipif(
 def test_openvino_int8_keeps_cosine_and_float_attention(tiny_bundle, feeds, tmp_path, tower):
     import openvino as ov
 
+    from clipedge.calibration.openvino_int8 import attention_matmuls
+    from clipedge.calibration.precisions import PRECISIONS
     from clipedge.engine.openvino_backend import OpenVinoOptions, OpenVinoSession
 
     src = tiny_bundle / f"{tower}.onnx"
-    attention = cpu_int8.activation_matmuls(ov.Core().read_model(str(src)))
+    attention = attention_matmuls(src)
     # Two attention MatMuls per layer (tiny: 2 layers), plus the text tower's pooling MatMul.
     assert len(attention) == (5 if tower == "text" else 4)
-    dst = cpu_int8.quantize_openvino(src, tmp_path / f"{tower}.xml", feeds[tower])
+    convert = PRECISIONS["int8-ov"].make_converter(src, feeds[tower], "max")
+    dst = convert([], tmp_path / f"{tower}.xml")
     model = ov.Core().read_model(str(dst))
     quantised = {
         op.get_friendly_name()
@@ -193,22 +196,47 @@ def test_calibration_reader_yields_single_rows_in_ranges():
 
 
 @needs_nncf
-def test_openvino_converter_keeps_the_named_onnx_nodes_float(tiny_bundle, feeds, tmp_path):
-    """The block search names ONNX nodes; OpenVINO must honour them (its friendly names)."""
+def test_openvino_converter_keeps_the_named_onnx_nodes_float(
+    tiny_bundle, feeds, tmp_path, monkeypatch
+):
+    """The block search names ONNX nodes; OpenVINO must honour them (its friendly names).
+    NNCF runs once per converter; every variant is derived from that one quantised model,
+    and the float nodes keep their int8 weights."""
     import openvino as ov
 
+    from clipedge.calibration import openvino_int8
     from clipedge.calibration.blocks import nodes_by_block
+    from clipedge.calibration.openvino_int8 import attention_matmuls
     from clipedge.calibration.precisions import PRECISIONS
 
+    runs = []
+    quantize_all = openvino_int8.quantize_all
+    monkeypatch.setattr(
+        openvino_int8, "quantize_all", lambda *a: runs.append(a) or quantize_all(*a)
+    )
     src = tiny_bundle / "vision.onnx"
-    block = nodes_by_block(onnx.load(str(src)))["blocks.0"]
+    blocks = nodes_by_block(onnx.load(str(src)))
+    attention = set(attention_matmuls(src))
     convert = PRECISIONS["int8-ov"].make_converter(src, feeds["vision"], "max")
-    model = ov.Core().read_model(str(convert(block, tmp_path / "v.xml")))
-    fake_quantized = {
-        op.get_friendly_name()
-        for op in model.get_ops()
-        if op.get_type_name() == "MatMul"
-        and op.input_value(0).get_node().get_type_name() == "FakeQuantize"
-    }
-    assert fake_quantized, "the other block is int8"
-    assert not fake_quantized & set(block)
+    for name, block in blocks.items():
+        model = ov.Core().read_model(str(convert(block, tmp_path / f"{name}.xml")))
+        matmuls = [op for op in model.get_ops() if op.get_type_name() == "MatMul"]
+        fake_quantized = {
+            op.get_friendly_name()
+            for op in matmuls
+            if op.input_value(0).get_node().get_type_name() == "FakeQuantize"
+        }
+        assert fake_quantized, "the other block is int8"
+        assert not fake_quantized & set(block)
+        assert fake_quantized & {n for other, ns in blocks.items() if other != name for n in ns}
+        weights = set(block) - attention
+        assert {_weight_type(op) for op in matmuls if op.get_friendly_name() in weights} == {"i8"}
+    assert len(runs) == 1, "one NNCF run for every variant"
+
+
+def _weight_type(op) -> str:
+    """Element type of a MatMul's weight, through its de-compression (Convert, Multiply)."""
+    node = op.input_value(1).get_node()
+    while node.get_type_name() != "Constant" and node.inputs():
+        node = node.input_value(0).get_node()
+    return node.get_element_type().get_type_name()

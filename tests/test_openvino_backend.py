@@ -113,6 +113,30 @@ def test_concurrent_runs_match_sequential(tiny_bundle, feeds):
 
 
 @NEEDS_OPENVINO
+@pytest.mark.parametrize("tower", ["text", "vision"])
+def test_throughput_mode_splits_batches_over_streams_in_order(tiny_bundle, feeds, tower):
+    """Streams run slices of one batch at once; rows come back in input order, equal to one
+    request's, also from several callers at a time."""
+    graph = tiny_bundle / f"{tower}.onnx"
+    latency = OpenVinoSession(graph, OpenVinoOptions(inference_precision="f32", cache=False))
+    options = OpenVinoOptions(
+        inference_precision="f32", mode="throughput", cache=False, properties={"NUM_STREAMS": "2"}
+    )
+    throughput = OpenVinoSession(graph, options)
+    assert latency.streams == 1 and throughput.streams == 2
+    batches = [feed for feed in feeds[tower] if len(next(iter(feed.values()))) > 1]
+    assert batches, "the fixture has batches to split"
+    for feed in batches:
+        np.testing.assert_allclose(throughput.run(feed), latency.run(feed), atol=1e-5, rtol=0)
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(throughput.run, batches * 3))
+    for got, feed in zip(results, batches * 3, strict=True):
+        np.testing.assert_allclose(got, latency.run(feed), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        OpenVinoOptions(mode="fast")
+
+
+@NEEDS_OPENVINO
 def test_outputs_are_not_overwritten_by_later_calls(tiny_bundle, feeds):
     session = OpenVinoSession(
         tiny_bundle / "vision.onnx", OpenVinoOptions(inference_precision="f32")

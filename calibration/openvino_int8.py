@@ -1,0 +1,114 @@
+"""NNCF int8 for OpenVINO, quantised once, with chosen layers given back float inputs.
+
+NNCF's post-training int8 costs minutes on the full-size towers (statistics over every
+calibration sample), and a mixed-precision search needs many variants. So the tower is
+quantised once, every MatMul int8, and each variant is made from that model by bypassing the
+activation FakeQuantize nodes in front of the layers that should stay float: those layers
+then read bf16 (the inference precision) activations and keep their int8 weights, the form
+that kept accuracy for the vision MLP output projections (README). A variant takes a clone
+and a graph walk, not a new NNCF run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Ops that only move or regroup values: a quantiser before them still quantises the MatMul
+# input after them (NNCF moves FakeQuantize up through such ops).
+LAYOUT_OPS = frozenset(
+    {
+        "Reshape",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Split",
+        "VariadicSplit",
+        "StridedSlice",
+        "Gather",
+        "Concat",
+        "Convert",
+    }
+)
+
+
+def attention_matmuls(graph: Path) -> list[str]:
+    """Names of the MatMuls of a float graph that multiply two activations (attention's
+    scores and context, the text pooling product); read before quantisation, when every
+    weight is still a plain Constant."""
+    import openvino as ov
+
+    def is_constant(node: Any) -> bool:
+        while node.get_type_name() in ("Convert", "Reshape", "Transpose") and node.inputs():
+            node = node.input_value(0).get_node()
+        return node.get_type_name() == "Constant"
+
+    return [
+        op.get_friendly_name()
+        for op in ov.Core().read_model(str(graph)).get_ordered_ops()
+        if op.get_type_name() == "MatMul"
+        and not any(is_constant(op.input_value(i).get_node()) for i in range(2))
+    ]
+
+
+def quantize_all(src: Path, feeds: Sequence[dict[str, np.ndarray]]) -> Any:
+    """The fp32 graph `src` with every MatMul int8 (NNCF, TRANSFORMER preset), in memory.
+
+    Asymmetric activations, per-channel symmetric weights, fast bias correction; SmoothQuant
+    off (NNCF's default 0.95 took the tiny tower from cosine 0.998 to 0.975).
+    """
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(src))
+    return nncf.quantize(
+        model,
+        nncf.Dataset(list(feeds)),
+        model_type=nncf.ModelType.TRANSFORMER,
+        subset_size=len(feeds),
+        fast_bias_correction=True,
+        advanced_parameters=nncf.AdvancedQuantizationParameters(
+            smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1.0)
+        ),
+    )
+
+
+def _layers_fed(output: Any) -> set[str]:
+    """Friendly names of the compute ops an output reaches through layout-only ops."""
+    reached, pending = set(), [output]
+    while pending:
+        for target in pending.pop().get_target_inputs():
+            node = target.get_node()
+            if node.get_type_name() in LAYOUT_OPS:
+                pending.extend(node.outputs())
+            else:
+                reached.add(node.get_friendly_name())
+    return reached
+
+
+def with_float_inputs(quantized: Any, layers: Iterable[str]) -> Any:
+    """A copy of `quantized` in which `layers` (friendly names; ONNX node names survive as
+    such) read unquantised activations. Their weights stay int8."""
+    model = quantized.clone()
+    names = set(layers)
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "FakeQuantize":
+            continue
+        source = op.input_value(0)
+        if source.get_node().get_type_name() == "Constant":  # a weight quantiser
+            continue
+        if _layers_fed(op.output(0)) & names:
+            op.output(0).replace(source)
+    return model
+
+
+def save_ir(model: Any, dst: Path) -> Path:
+    """Write OpenVINO IR (`dst` ends in .xml; weights in the .bin beside it)."""
+    import openvino as ov
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, str(dst), compress_to_fp16=False)
+    return dst
