@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from charts import add_output_arguments, run_or_render
 from machine import machine_info
 from PIL import Image
 
@@ -83,16 +84,57 @@ def child(mode: str, args: argparse.Namespace, folder: Path, out: Path, workers:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def print_table(results: dict) -> None:
+    runs = results["runs"]
+    model_rate = runs["model only"]["images_per_s"]
+    print(f"{results['count']} images 1280x848, batch {results.get('batch_size', 8)}")
+    print("| run | s | images/s | vs model only | peak RSS GB |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, row in runs.items():
+        print(
+            f"| {name} | {row['seconds']:.2f} | {row['images_per_s']:.2f} | "
+            f"{row['images_per_s'] / model_rate:.0%} | {row['peak_kb'] / 1e6:.2f} |"
+        )
+
+
+def render_charts(results: dict, folder: Path) -> list[Path]:
+    """Images per second of each way to embed a folder, the model alone as the line."""
+    from charts import Line, bar_chart
+
+    runs = {k: v for k, v in results["runs"].items() if not k.startswith("re-run")}
+    model = Line(results["runs"]["model only"]["images_per_s"], "model only")
+    subtitle = f"{results['machine']['cpu']}, {results['count']} images"
+    return [
+        bar_chart(
+            folder / "embed-rate.png",
+            "clipedge embed: images per second",
+            list(runs),
+            [r["images_per_s"] for r in runs.values()],
+            "images/s",
+            [model],
+            subtitle,
+        )
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--bundle", type=Path)
     parser.add_argument("--precision", default="")
     parser.add_argument("--count", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", default="0,1,2")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    results: dict = {"machine": machine_info(), "count": args.count, "runs": {}}
+    add_output_arguments(parser)
+    run_or_render(parser.parse_args(), run, print_table, render_charts)
+
+
+def run(args: argparse.Namespace) -> dict:
+    results: dict = {
+        "machine": machine_info(),
+        "count": args.count,
+        "batch_size": args.batch_size,
+        "runs": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"
         folder.mkdir()
@@ -106,17 +148,7 @@ def main() -> None:
         runs["plain loop (encode_image + np.save)"] = child(
             "loop", args, folder, Path(tmp) / "l", 0
         )
-    model_rate = runs["model only"]["images_per_s"]
-    print(f"{args.count} images 1280x848, batch {args.batch_size}")
-    print("| run | s | images/s | vs model only | peak RSS GB |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, row in runs.items():
-        print(
-            f"| {name} | {row['seconds']:.2f} | {row['images_per_s']:.2f} | "
-            f"{row['images_per_s'] / model_rate:.0%} | {row['peak_kb'] / 1e6:.2f} |"
-        )
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return results
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Usage: python benchmarks/bench_serve.py --bundle DIR [--precision int8-cpu] [--s
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import statistics
 import subprocess
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 import requests
+from charts import add_output_arguments, run_or_render
 from machine import machine_info
 
 TEXT = "a photo of a cat sitting on a red sofa"
@@ -135,14 +135,57 @@ def model_ms(bundle: Path, precision: str) -> float:
     return 1000 * statistics.median(times)
 
 
+def print_table(results: dict) -> None:
+    print(f"model alone, one short text: {results['model_ms']:.1f} ms")
+    print("| server | clients | req/s | p50 ms | p99 ms | errors |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for kind, rows in results["servers"].items():
+        for row in rows:
+            print(
+                f"| {kind} | {row['clients']} | {row['rps']:.1f} | {row['p50_ms']:.1f} | "
+                f"{row['p99_ms']:.1f} | {row['errors']} |"
+            )
+
+
+def render_charts(results: dict, folder: Path) -> list[Path]:
+    """Requests per second and p99 latency per server and client count, as PNG."""
+    from charts import bar_chart
+
+    rows = [
+        (f"{kind}, {r['clients']} clients", r)
+        for kind, rs in results["servers"].items()
+        for r in rs
+    ]
+    labels = [label for label, _ in rows]
+    subtitle = f"{results['machine']['cpu']}, clients on the same machine"
+    charts = (
+        ("serve-rps.png", "requests per second", "rps", "req/s"),
+        ("serve-p99.png", "p99 latency", "p99_ms", "ms"),
+    )
+    return [
+        bar_chart(
+            folder / name,
+            f"clipedge serve: {title}",
+            labels,
+            [r[key] for _, r in rows],
+            unit,
+            subtitle=subtitle,
+        )
+        for name, title, key, unit in charts
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--bundle", type=Path)
     parser.add_argument("--precision", default="")
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--clients", default="1,8,32")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    add_output_arguments(parser)
+    run_or_render(parser.parse_args(), run, print_table, render_charts)
+
+
+def run(args: argparse.Namespace) -> dict:
     results = {
         "machine": machine_info(),
         "text": TEXT,
@@ -159,17 +202,7 @@ def main() -> None:
         finally:
             process.terminate()
             process.wait(timeout=60)
-    print(f"model alone, one short text: {results['model_ms']:.1f} ms")
-    print("| server | clients | req/s | p50 ms | p99 ms | errors |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for kind, rows in results["servers"].items():
-        for row in rows:
-            print(
-                f"| {kind} | {row['clients']} | {row['rps']:.1f} | {row['p50_ms']:.1f} | "
-                f"{row['p99_ms']:.1f} | {row['errors']} |"
-            )
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return results
 
 
 if __name__ == "__main__":

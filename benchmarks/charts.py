@@ -6,7 +6,9 @@ dashed line for a bound the bars are read against (the CPU's int8 floor, a goal)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,3 +54,30 @@ def bar_chart(
     figure.savefig(path)
     plt.close(figure)
     return path
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """--out (JSON), --render (an earlier --out instead of a run), --charts (PNG folder)."""
+    parser.add_argument("--out", type=Path, help="write the results as JSON")
+    parser.add_argument("--render", type=Path, help="the table (and --charts) of an earlier --out")
+    parser.add_argument("--charts", type=Path, help="write PNG charts into this folder")
+
+
+def run_or_render(
+    args: argparse.Namespace,
+    run: Callable[[argparse.Namespace], dict],
+    print_table: Callable[[dict], None],
+    render: Callable[[dict, Path], list[Path]],
+) -> None:
+    """Results of a fresh run (saved to --out) or of --render; then the table and charts."""
+    if args.render:
+        results = json.loads(args.render.read_text())
+    elif args.bundle is None:
+        raise SystemExit("--bundle (or --render) is required")
+    else:
+        results = run(args)
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    for path in render(results, args.charts) if args.charts else []:
+        print(f"wrote {path}")
