@@ -103,6 +103,27 @@ def test_texts_with_ids_task_dimensions_and_kept_columns(tiny_bundle, tmp_path, 
     np.testing.assert_allclose([r["embedding"] for r in table], want, atol=2e-3)  # float16
 
 
+def test_openvino_jobs_run_in_throughput_mode_with_the_same_vectors(tiny_bundle, tmp_path):
+    """Under OpenVINO a batch job takes the streams; rows equal the latency-mode model's."""
+    pytest.importorskip("openvino", reason="OpenVINO is an optional extra")
+    from clipedge.embed.job import Embedder
+
+    source = tmp_path / "texts.txt"
+    texts = [f"a caption about item {i} " * (1 + i % 4) for i in range(9)]
+    source.write_text("\n".join(texts) + "\n")
+    job = EmbedJob(tiny_bundle, str(source), "texts", tmp_path / "out", backend="openvino")
+    embedder = Embedder(job)
+    assert embedder.model.backend_options.mode == "throughput"
+    cpu = Embedder(EmbedJob(tiny_bundle, str(source), "texts", tmp_path / "o2", backend="cpu"))
+    assert cpu.model.plan.backend == "cpu"  # onnxruntime has no such mode: options untouched
+    embed(job, progress=False)
+    latency = clipedge.load(tiny_bundle, backend="openvino")
+    assert latency.backend_options.mode == "latency"
+    want = latency.encode_text(texts)
+    got = np.array([r["embedding"] for r in rows(tmp_path / "out")])
+    assert (got * want).sum(1).min() >= 0.999  # bf16 either way; streams change no value
+
+
 def test_parquet_and_csv_tables(tiny_bundle, tmp_path, model):
     import pyarrow as pa
     import pyarrow.csv

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 import clipedge
+from clipedge.engine.openvino_backend import OpenVinoOptions
 from clipedge.inputs.fetch import UrlPolicy
 from clipedge.inputs.images import ImagePreprocessor, load_image, preprocess_images_collect
 from clipedge.inputs.sources import Record, image_records, source_hash, text_records
@@ -160,13 +161,21 @@ class Embedder:
 
     def __init__(self, job: EmbedJob) -> None:
         self.job = job
-        self.model = clipedge.load(
+        load = functools.partial(
+            clipedge.load,
             job.bundle,
-            backend=job.backend,
             precision=job.precision,
             allow_urls=job.allow_urls,
             allow_private_urls=job.allow_private_urls,
         )
+        self.model = load(backend=job.backend)
+        if self.model.plan.backend == "openvino":
+            # A job of batch calls only: OpenVINO's streams (texts/s +7-12 % at batch 8-32
+            # on 2 vCPUs, images/s +0-10 %; a lone call would run at half speed). Sessions
+            # open lazily, so the first load cost only the manifest and tokenizer.
+            self.model = load(
+                backend="openvino", backend_options=OpenVinoOptions(mode="throughput")
+            )
         self.tower = KINDS[job.kind]
         self.options = self.model.finish_options(job.dimensions, True)
         self.dim = self.options.truncate_dim or self.model.manifest.embed_dim
