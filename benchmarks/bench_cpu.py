@@ -47,8 +47,6 @@ TOWER_CASES = {
     tower: [c for c, (t, _, _) in CASES.items() if t == tower] for tower in ("text", "vision")
 }
 GOAL_S = {"image_1x512px": 0.6, "text_8x32": 0.08, "text_1x512": 0.18}
-# Given in the issue for this machine: total FLOPs over its peak int8/bf16 matrix throughput.
-FLOOR_S = {"image_1x512px": 0.23, "text_8x32": 0.04, "text_1x512": 0.08}
 ENGINES = {  # run in this order (the reference first), so a cut-short run has the key rows
     "ort-fp32": "onnxruntime CPU EP, fp32 graph (reference)",
     "ov-bf16": "OpenVINO CPU, bf16 inference precision, fp32 ONNX read directly",
@@ -375,7 +373,6 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine_info(args.threads),
         "flops": flops(args.checkpoint),
         "goal_s": GOAL_S,
-        "floor_s": FLOOR_S,
         "engines": {},
     }
     args.work.mkdir(parents=True, exist_ok=True)
@@ -447,7 +444,8 @@ def _cell_tower(result: dict[str, Any], tower: str, render: Callable[[dict[str, 
     return "-" if not entry or "error" in entry else render(entry)
 
 
-def markdown(results: dict[str, Any]) -> str:
+def markdown(results: dict[str, Any], floor: dict | None = None) -> str:
+    """The engines table; `floor` (bench_floor.py JSON) adds this machine's int8 floor."""
     machine = results["machine"]
     lines = [
         f"CPU: {machine['cpu']}, {machine['cores']} cores, {machine['threads_used']} threads, "
@@ -484,11 +482,12 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {engine} | {' | '.join(cells)} | {startup} | {first or '-'} | {cos[0]} | {cos[1]} |"
         )
     goal = " | ".join(f"{1000 * results['goal_s'][c]:.0f}" for c in CASES)
-    floor = " | ".join(f"{1000 * results['floor_s'][c]:.0f}" for c in CASES)
     gflop = " | ".join(f"{results['flops'][c] / 1e9:.0f} GFLOP" for c in CASES)
+    lines.append(f"| goal | {goal} | | | | |")
+    if floor:
+        floors = " | ".join(f"{1000 * floor['cases'][c]['floor_int8_s']:.0f}" for c in CASES)
+        lines.append(f"| int8 floor (bench_floor.py) | {floors} | | | | |")
     lines += [
-        f"| goal | {goal} | | | | |",
-        f"| arithmetic floor (issue) | {floor} | | | | |",
         f"| work per case | {gflop} | | | | |",
         "",
         "Times: median (minimum, number of timed runs) after a warm-up; ✓ meets the goal. "
@@ -513,7 +512,7 @@ def rates_markdown(results: dict[str, Any]) -> str:
         return ""
     batches = " | ".join(f"batch {b}" for b in (1, *RATE_BATCHES))
     header = [
-        "",
+        "\n\nItems per second:\n",
         f"| engine | tower | mode | {batches} |",
         "| --- | --- | --- |" + " ---: |" * (1 + len(RATE_BATCHES)),
     ]
@@ -581,9 +580,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.render:
         results = json.loads(args.render.read_text())
-        print(markdown(results))
+        floor = json.loads(args.floor.read_text()) if args.floor else None
+        print(markdown(results, floor))
         if args.charts:
-            floor = json.loads(args.floor.read_text()) if args.floor else None
             for path in render_charts(results, floor, args.charts):
                 print(f"wrote {path}")
         return

@@ -36,7 +36,7 @@ def bar_chart(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7.5, 0.45 * len(labels) + 1.4), dpi=110)
+    figure, axes = plt.subplots(figsize=(7.5, 0.45 * len(labels) + 1.8), dpi=110)
     rows = list(range(len(labels)))[::-1]
     bars = axes.barh(rows, values, color="#4c72b0")
     axes.bar_label(bars, labels=[f"{v:.3g} {unit}" for v in values], padding=3, fontsize=8)
@@ -44,7 +44,13 @@ def bar_chart(
     for line, style in zip(lines, ("--", ":", "-."), strict=False):
         axes.axvline(line.value, color="#c44e52", linestyle=style, linewidth=1.2, label=line.label)
     if lines:
-        axes.legend(fontsize=8, loc="lower right")
+        axes.legend(
+            fontsize=8,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.12 - 0.4 / len(labels)),
+            ncol=len(lines),
+            frameon=False,
+        )
     axes.set_xlim(0, max([*values, *(line.value for line in lines)]) * 1.25)
     axes.set_xlabel(unit, fontsize=8)
     axes.set_title(title + (f"\n{subtitle}" if subtitle else ""), fontsize=9)
