@@ -8,31 +8,10 @@ then read bf16 (the inference precision) activations and keep their int8 weights
 that kept accuracy for the vision MLP output projections (README). A variant takes a clone
 and a graph walk, not a new NNCF run.
 
-Experiments on the full-size vision tower (random weights of the real config; 2026-11-29,
-Xeon with AMX, 2 threads, batch 1; cosine to onnxruntime fp32 over 55 held-out crops of 11
-pictures that calibration (32 crops of 12 others) never saw, `benchmarks/photos.py`; time:
-median of 3 warm calls; all variants derived from one NNCF model as above):
-
-| variant | image ms | cos min | cos mean | kept |
-| --- | ---: | ---: | ---: | --- |
-| every MatMul int8 (attention too) | 1642 | 0.9158 | 0.9842 | no: slower and worse |
-| attention bf16, the rest int8 | 1511 | 0.9470 | 0.9881 | yes, the default |
-| + MLP output projections (w3) on bf16 inputs, int8 weights (the old default) | 1865 | 0.9493 | 0.9916 | no: +23 % time on AMX (decompressed-weight kernel) for +0.002 |
-| + w3 with OpenVINO dynamic per-token quantisation (group 32) | 1830 | - | - | no: not applied to int8 per-channel weights (profile: still FullyConnectedCompressed bf16) |
-| NNCF MINMAX activation ranges instead of mean min/max, attention bf16 | 1511* | 0.9822 | 0.9881 | not yet: vision only, on random weights |
-| attention as OpenVINO's SDPA op | - | - | - | no effect: the CPU plugin decomposes it to the same subgraph |
-| onnxruntime dynamic int8 (`int8-cpu`), for comparison | bench_cpu | 0.9895 | 0.9936 | |
-
-(*) the same graph with other scales. The five worst crops of every int8 variant are one
-binary silhouette (`horse.png`) and a dark, flat moon picture: their activations leave the
-ranges calibrated on photos (bf16 alone keeps them at 0.9997). The block search cannot help
-there: with mean min/max ranges one block alone in int8 costs 0.041 on them, with MINMAX
-0.007-0.011, so no small set of float blocks reaches 0.99; calibrating with such pictures can.
-Where the time goes (`benchmarks/profile_openvino.py`): the int8 weight products run at the
-AMX int8 kernel's own rate (683 ms for 785 GOP, 1.15 TOPS against 1.18 measured alone);
-attention takes 500 ms (two bf16 products and a softmax over 24 x 16 x 1297^2 scores, in
-OpenVINO's fused MHA subgraph); LayerNorm, SwiGLU, rotary and residual adds ~250 ms. Neither
-is matrix work at the int8 rate, so the tower sits at ~53 % of the matrix-work floor (0.80 s).
+What was tried on the full-size vision tower, kept or not, with cosine and time per variant
+and where the time goes: README, "The image tower at int8". In short: attention stays bf16
+(int8 was no faster and less accurate); the MLP output projections are int8 like the rest
+(bf16 inputs cost 16 % on AMX for +0.002 cosine); blocks the search keeps float read bf16.
 """
 
 from __future__ import annotations
