@@ -122,11 +122,12 @@ def graph_bytes(graph: Path) -> int:
 
 def cpu_session(graph: Path, threads: int | None = None) -> TowerSession:
     """A CPU session for a graph: onnxruntime for ONNX, OpenVINO (bf16, as the runtime
-    runs it) for OpenVINO IR."""
+    runs it) for OpenVINO IR. No compiled-model cache: the search rewrites one path with
+    other graphs, and trials have no business in the user's cache."""
     if graph.suffix == ".xml":
         from clipedge.engine.openvino_backend import OpenVinoOptions, OpenVinoSession
 
-        return OpenVinoSession(graph, OpenVinoOptions(threads=threads))
+        return OpenVinoSession(graph, OpenVinoOptions(threads=threads, cache=False))
     return OrtSession(graph, "cpu", OnnxruntimeOptions(threads=threads))
 
 
