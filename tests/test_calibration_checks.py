@@ -357,3 +357,35 @@ def test_calibrate_meets_the_target_on_held_out_and_reports_float_blocks(
     report = json.loads((bundle / "accuracy_report.json").read_text())
     (row,) = [r for r in report["towers"] if r["tower"] == "vision"]
     assert row["fp32_blocks"] == vision.fp32_blocks and row["cosine_min"] >= target
+
+
+def test_openvino_search_leaves_the_chosen_graph_at_the_destination(vision_case):
+    """int8-ov trials all come from one NNCF run and rewrite the same path: the graph left
+    there, measured afresh, is the one the search reported, and it meets the target."""
+    pytest.importorskip("nncf", reason="int8-ov needs the optional nncf package")
+    from clipedge.calibration.precisions import PRECISIONS
+    from clipedge.calibration.report import cosine_stats, cpu_session, pooled_embeddings
+
+    case = vision_case
+    feeds, reference = case["feeds"][True], case["reference"][True]
+    convert = PRECISIONS["int8-ov"].make_converter(case["graph"], case["feeds"][False], "max")
+    destination = case["work"] / "vision.int8-ov.xml"
+    whole = convert([], destination)
+    whole_cos = cosine_stats(reference, pooled_embeddings(cpu_session(whole), "vision", feeds))
+    target = 1.0 - (1.0 - whole_cos["cosine_min"]) / 4  # needs float blocks
+    lines: list[str] = []
+    result = search.search_fallback(
+        convert,
+        case["blocks"],
+        case["others"],
+        search.HeldOut("vision", feeds, reference),
+        target,
+        destination,
+        lines.append,
+    )
+    assert result.fp32_blocks and result.graph == destination
+    again = pooled_embeddings(cpu_session(destination), "vision", feeds)
+    assert cosine_stats(reference, again)["cosine_min"] == pytest.approx(result.min_cosine)
+    assert result.min_cosine >= target or len(result.fp32_blocks) == len(case["blocks"])
+    assert sum("ranked" in line for line in lines) == len(case["blocks"])
+    assert not list(case["work"].glob("sensitivity-*")), "trial graphs are removed"
