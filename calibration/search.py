@@ -128,6 +128,10 @@ def _rank(
 ) -> dict[str, float]:
     """Drift (1 - min cosine on `batches`) when only that unit is converted."""
     drift: dict[str, float] = {}
+    report(
+        f"ranking {len(units)} units: one conversion and {len(batches)} held-out batch(es) "
+        "each; the time left follows the first"
+    )
     began = time.perf_counter()
     for number, unit in enumerate(units, 1):
         keep_float = [n for u, ns in units.items() if u != unit for n in ns] + list(other_nodes)
