@@ -116,8 +116,8 @@ def _int8_openvino(src: Path, feeds: Sequence[Feed], method: str) -> Converter:
 
     # NNCF runs once, on the first call; every variant the search asks for is derived from it.
     quantized = functools.cache(lambda: quantize_all(src, feeds))
-    # Attention stays bf16: int8 scores were slower (OpenVINO's int8 attention kernel, 569 vs
-    # 500 ms on the full-size image) and less accurate (min cosine 0.916 vs 0.947, 55 images).
+    # Attention stays bf16: int8 attention was no faster on the full-size image (1762 vs 1802
+    # ms side by side) and less accurate (min cosine 0.916 vs 0.947 over 55 held-out crops).
     attention = attention_matmuls(src)
 
     def convert(keep_float: Sequence[str], dst: Path) -> Path:
