@@ -298,27 +298,31 @@ def time_case(run: Runner, feed: Feed) -> dict[str, Any]:
     }
 
 
-def rate_inputs(bundle: Path, tower: str, batch: int) -> Feed:
-    """A batch of `batch` held-out images (cycled) or 32-token texts."""
+def rate_feeds(bundle: Path, tower: str, images: list[Feed]) -> dict[int, Feed]:
+    """Per batch size, held-out images (`images`, cycled) or 32-token texts, built once."""
     import clipedge
 
-    if tower == "vision":
-        images = case_inputs(bundle)["image_1x512px"]
-        pixels = [images[i % len(images)]["pixel_values"] for i in range(batch)]
-        return {"pixel_values": np.concatenate(pixels)}
-    model = clipedge.load(bundle, backend="cpu")
-    return _text_feed(model, _texts(random.Random(3), batch, 40), 32)
+    model = clipedge.load(bundle, backend="cpu") if tower == "text" else None
+    feeds = {}
+    for batch in (1, *RATE_BATCHES):
+        if model is None:
+            pixels = [images[i % len(images)]["pixel_values"] for i in range(batch)]
+            feeds[batch] = {"pixel_values": np.concatenate(pixels)}
+        else:
+            feeds[batch] = _text_feed(model, _texts(random.Random(3), batch, 40), 32)
+    return feeds
 
 
-def measure_rates(engine: str, tower: str, args: argparse.Namespace) -> dict[str, Any]:
+def measure_rates(
+    engine: str, tower: str, args: argparse.Namespace, images: list[Feed]
+) -> dict[str, Any]:
     """Items per second per mode and batch size, against the same engine's batch-1 rate."""
     rates: dict[str, Any] = {}
-    single = rate_inputs(args.bundle, tower, 1)
+    feeds = rate_feeds(args.bundle, tower, images)
     for mode in RATE_MODES[engine]:
         run, info = load_engine(engine, tower, args, mode)
         rates[mode] = {"streams": info.get("streams", 1)}
-        for batch in (1, *RATE_BATCHES):
-            feed = single if batch == 1 else rate_inputs(args.bundle, tower, batch)
+        for batch, feed in feeds.items():
             run(feed)
             times = []
             for _ in range(RATE_RUNS if batch > 1 else MIN_RUNS):
@@ -358,7 +362,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     result["cosine_mean"], result["cosine_min"] = float(scores.mean()), float(scores.min())
     if engine in RATE_MODES and args.rates:
         del run
-        result["rates"] = measure_rates(engine, tower, args)
+        result["rates"] = measure_rates(engine, tower, args, inputs["image_1x512px"])
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     return result
 

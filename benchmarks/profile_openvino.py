@@ -16,15 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from calibration.blocks import BLOCK, scopes_of  # noqa: E402
+from clipedge.calibration.blocks import BLOCK, scopes_of
 
 INPUT_SHAPES = {"pixel_values": (1, 3, 512, 512), "input_ids": (1, 512), "attention_mask": (1, 512)}
 

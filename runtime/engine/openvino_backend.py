@@ -156,7 +156,7 @@ class OpenVinoSession:
             else 1
         )
         self._queue_lock = threading.Lock()
-        self._queue: Any = None
+        self._queue = ov.AsyncInferQueue(self._compiled, self.streams) if self.streams > 1 else None
 
     def _request(self) -> Any:
         request = getattr(self._local, "request", None)
@@ -175,7 +175,6 @@ class OpenVinoSession:
 
     def _run_split(self, feeds: dict[str, np.ndarray], rows: int) -> np.ndarray:
         """One batch over the streams: contiguous slices run at once, joined in order."""
-        ov = import_openvino()
         bounds = np.linspace(0, rows, min(self.streams, rows) + 1).astype(int)
         parts: list[Any] = [None] * (len(bounds) - 1)
 
@@ -184,8 +183,6 @@ class OpenVinoSession:
 
         # One queue at a time: a second caller waits rather than oversubscribing the cores.
         with self._queue_lock:
-            if self._queue is None:
-                self._queue = ov.AsyncInferQueue(self._compiled, self.streams)
             self._queue.set_callback(done)
             for index, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
                 self._queue.start_async({k: v[start:stop] for k, v in feeds.items()}, index)
