@@ -37,6 +37,8 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) -
 
 def calibrate(args: argparse.Namespace, bundle_dir: Path | None = None) -> int:
     """Add lower-precision graphs with an accuracy report; non-zero exit on a missed target."""
+    from onnx.checker import ValidationError
+
     from .data import CalibrationSet
     from .pipeline import calibrate_bundle
 
@@ -58,7 +60,9 @@ def calibrate(args: argparse.Namespace, bundle_dir: Path | None = None) -> int:
             search=not args.no_search,
             report=lambda line: print(line, flush=True),
         )
-    except (OSError, ValueError, RuntimeError) as exc:
+    # ValidationError: onnx refusing a bundle's graph, e.g. a weights file with several hard
+    # links (a `cp -al` copy of a bundle: make real copies of its .data files).
+    except (OSError, ValueError, RuntimeError, ValidationError) as exc:
         print(f"clipedge calibration failed: {exc}", file=sys.stderr)
         return 1
     missed = [f"{r.tower} {r.precision}" for r in results if not r.passed]

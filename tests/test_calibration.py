@@ -230,6 +230,22 @@ def test_precision_with_missing_package_fails_before_any_work(bundle_copy, monke
     assert (bundle_copy / "clipedge.json").read_text() == before
 
 
+def test_a_graph_onnx_refuses_is_a_clean_failure(bundle_copy, monkeypatch, capsys):
+    """onnx's checker refuses, e.g., a hard-linked weights file (a `cp -al` copy of a bundle):
+    the command says so in one line and exits 1 instead of a traceback."""
+    from onnx.checker import ValidationError
+
+    from clipedge.calibration import pipeline
+
+    def refuse(*args, **kwargs):
+        raise ValidationError("text.onnx.data has multiple hard links")
+
+    monkeypatch.setattr(pipeline, "calibrate_bundle", refuse)
+    assert main(calibrate_args(bundle_copy, "--precisions", "int8-cpu")) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "clipedge calibration failed: text.onnx.data has multiple hard links"
+
+
 def test_undecodable_images_are_named_and_skipped(tmp_path, caplog):
     photos = sorted(PHOTOS.glob("*.png"))[:3]
     broken = tmp_path / "broken.jpg"
