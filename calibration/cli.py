@@ -40,11 +40,12 @@ def calibrate(args: argparse.Namespace, bundle_dir: Path | None = None) -> int:
     from onnx.checker import ValidationError
 
     from .data import CalibrationSet
-    from .pipeline import calibrate_bundle
+    from .pipeline import calibrate_bundle, check_precisions
 
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip() and p != "fp32"]
     targets = {p: args.target_cosine for p in precisions} if args.target_cosine else None
     try:
+        check_precisions(precisions)  # a typo costs nothing, not the data loading first
         calibration = CalibrationSet.from_sources(
             args.calibration_images,
             args.calibration_texts,

@@ -99,19 +99,24 @@ def readable_images(paths: Sequence[Path], limit: int | None) -> list[Path]:
 MIN_HELD_OUT = 32
 
 
-def split_held_out(items: Sequence, held_out_fraction: float) -> tuple[list, list]:
+def split_held_out(
+    items: Sequence, held_out_fraction: float, kind: str = "items"
+) -> tuple[list, list]:
     """Calibrate on the first part; judge accuracy (report, gate and block search alike) on
     the rest, never seen by calibration: `held_out_fraction` of the items, but at least
-    MIN_HELD_OUT where that leaves half of them for calibration."""
+    MIN_HELD_OUT where that leaves half of them for calibration. `kind` names them in the
+    messages ("calibration images")."""
     if len(items) < 2:
-        raise CalibrationDataError("need at least 2 calibration items to hold some out")
+        raise CalibrationDataError(f"need at least 2 {kind} to hold some out")
     held = max(round(len(items) * held_out_fraction), min(MIN_HELD_OUT, len(items) // 2))
     held = min(len(items) - 1, max(1, held))
     if held < MIN_HELD_OUT:
         log.warning(
-            "only %d items held out to judge accuracy (the gate is their minimum): give at "
-            "least %d for %d held out",
+            "%d of %d %s held out to judge accuracy (the gate is their minimum): give at "
+            "least %d to hold out %d",
             held,
+            len(items),
+            kind,
             2 * MIN_HELD_OUT,
             MIN_HELD_OUT,
         )
@@ -143,10 +148,14 @@ class CalibrationSet:
         )
         text_items = sample(read_texts(texts), limit, seed) if texts is not None else []
         calib_images, held_images = (
-            split_held_out(image_paths, held_out_fraction) if image_paths else ([], [])
+            split_held_out(image_paths, held_out_fraction, "calibration images")
+            if image_paths
+            else ([], [])
         )
         calib_texts, held_texts = (
-            split_held_out(text_items, held_out_fraction) if text_items else ([], [])
+            split_held_out(text_items, held_out_fraction, "calibration texts")
+            if text_items
+            else ([], [])
         )
         return cls(calib_images, held_images, calib_texts, held_texts)
 

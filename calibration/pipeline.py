@@ -103,16 +103,8 @@ def _tower_precision(
     return accuracy, embeddings
 
 
-def calibrate_bundle(
-    bundle_dir: str | Path,
-    precisions: Sequence[str],
-    calibration: CalibrationSet,
-    method: str = "max",
-    targets: dict[str, float] | None = None,
-    search: bool = True,
-    report: Callable[[str], None] = print,
-) -> list[TowerAccuracy]:
-    """Convert, measure and register every requested precision of every tower in the bundle."""
+def check_precisions(precisions: Sequence[str]) -> None:
+    """Refuse an unknown precision, or one whose packages are missing, before any work."""
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:
         raise ValueError(f"unknown precision(s) {unknown}; choose from {sorted(PRECISIONS)}")
@@ -123,6 +115,19 @@ def calibrate_bundle(
                 f"precision {precision} needs {', '.join(missing)}: "
                 f"{PRECISIONS[precision].install_hint}"
             )
+
+
+def calibrate_bundle(
+    bundle_dir: str | Path,
+    precisions: Sequence[str],
+    calibration: CalibrationSet,
+    method: str = "max",
+    targets: dict[str, float] | None = None,
+    search: bool = True,
+    report: Callable[[str], None] = print,
+) -> list[TowerAccuracy]:
+    """Convert, measure and register every requested precision of every tower in the bundle."""
+    check_precisions(precisions)
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     model = clipedge.load(bundle_dir, backend="cpu", precision="fp32")

@@ -230,6 +230,16 @@ def test_precision_with_missing_package_fails_before_any_work(bundle_copy, monke
     assert (bundle_copy / "clipedge.json").read_text() == before
 
 
+def test_an_unknown_precision_is_refused_before_the_data_is_read(tmp_path, capsys):
+    argv = ["calibrate", str(tmp_path), "--calibration-images", str(tmp_path / "none")]
+    assert main([*argv, "--precisions", "int4"]) == 1
+    err = capsys.readouterr().err  # about the precision, not the missing images or bundle
+    assert err.strip() == (
+        "clipedge calibration failed: unknown precision(s) ['int4']; "
+        "choose from ['fp16', 'int8', 'int8-cpu', 'int8-ov']"
+    )
+
+
 def test_a_graph_onnx_refuses_is_a_clean_failure(bundle_copy, monkeypatch, capsys):
     """onnx's checker refuses, e.g., a hard-linked weights file (a `cp -al` copy of a bundle):
     the command says so in one line and exits 1 instead of a traceback."""

@@ -148,6 +148,18 @@ def test_fail_fast_names_the_input(tiny_bundle, image_folder, tmp_path):
         embed(job, progress=False)
 
 
+def test_a_bad_precision_is_one_line_not_a_traceback(tiny_bundle, tmp_path, capsys):
+    from clipedge.cli import main
+
+    source = tmp_path / "texts.txt"
+    source.write_text("a caption\n")
+    argv = ["embed", str(tiny_bundle), "--texts", str(source), "-o", str(tmp_path / "o")]
+    assert main([*argv, "--precision", "int4"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("clipedge embed: bundle has no int4 text graph (available: fp32")
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.parquet"))
+
+
 class SlowImages(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         time.sleep(0.15)

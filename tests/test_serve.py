@@ -376,13 +376,35 @@ def test_metrics_and_health(base):
     assert requests.get(f"{base}/health", timeout=5).json() == {"status": "alive"}
 
 
-def test_not_ready_until_loaded_and_says_why(tmp_path):
+def test_a_model_that_failed_to_load_says_why_everywhere(tmp_path):
+    """Loaded in the background (how an app made without a model starts): when that fails,
+    /ready, /health (so a supervisor restarts it) and every request say why."""
     gen = start(ServeSettings(str(tmp_path / "no-bundle"), port=free_port()))
     url = next(gen)
     response = wait_ready(url, timeout=5)
     assert response.status_code == 503 and "BundleError" in response.json()["reason"]
-    assert embed(url, {"input": "a"}).status_code == 503
+    health = requests.get(f"{url}/health", timeout=5)
+    assert health.status_code == 503 and health.json()["status"] == "failed"
+    answer = embed(url, {"input": "a"})
+    assert answer.status_code == 503
+    assert "could not be loaded: BundleError" in answer.json()["error"]["message"]
     next(gen, None)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "reason"),
+    [(["{missing}"], "does not exist"), (["{bundle}", "--precision", "int4"], "no int4")],
+)
+def test_serve_refuses_a_bad_bundle_before_listening(
+    tiny_bundle, tmp_path, capsys, arguments, reason
+):
+    from clipedge.cli import main
+
+    paths = {"missing": tmp_path / "no-bundle", "bundle": tiny_bundle}
+    argv = ["serve", *(a.format(**paths) for a in arguments), "--port", str(free_port())]
+    assert main(argv) == 2  # returned at once: uvicorn never started
+    err = capsys.readouterr().err
+    assert err.startswith("clipedge serve: ") and reason in err
 
 
 def test_bounded_load_mixed_and_bad(base, images, model):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 
 def embed_command(args: argparse.Namespace) -> int:
+    from clipedge.bundle.manifest import BundleError
+
     from .job import EmbedError, EmbedJob, embed
 
     if bool(args.images) == bool(args.texts):
@@ -42,7 +44,7 @@ def embed_command(args: argparse.Namespace) -> int:
             from .ray_data import embed_with_ray
 
             summary = embed_with_ray(job, None if args.ray == "local" else args.ray, progress)
-    except (EmbedError, ValueError, OSError) as exc:
+    except (EmbedError, BundleError, ValueError, OSError) as exc:
         print(f"clipedge embed: {exc}", file=sys.stderr)
         return 1
     print(summary.line())

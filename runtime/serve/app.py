@@ -35,30 +35,44 @@ TOKENS_PER_TILE = 4000
 TILE = 512
 
 
+def open_model(settings: ServeSettings) -> clipedge.ClipEdgeModel:
+    """The service's model: manifest, plan and tokenizer; sessions open on first use, so this
+    is quick and `clipedge serve` calls it before listening, to fail fast on a bad bundle."""
+    return clipedge.load(
+        settings.bundle,
+        backend=settings.backend,
+        precision=settings.precision,
+        threads=settings.threads,
+        allow_urls=settings.allow_urls,
+        allow_private_urls=settings.allow_private_urls,
+        url_timeout=settings.url_timeout,
+        preprocess_workers=settings.prepare_workers,
+    )
+
+
 class Service:
     """The loaded model and one batcher per tower; `ready` once a warm-up has run."""
 
-    def __init__(self, settings: ServeSettings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: ServeSettings,
+        metrics: Metrics,
+        opened: clipedge.ClipEdgeModel | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.opened = opened
         self.model: clipedge.ClipEdgeModel | None = None
         self.batchers: dict[str, TowerBatcher] = {}
         self.ready = False
         self.failed: str | None = None
 
     def start(self) -> None:
-        """Load, start the batchers and warm every tower up (blocking; run in a thread)."""
+        """Load (unless opened already), start the batchers and warm every tower up, which
+        opens the sessions (blocking; run in a thread)."""
         s = self.settings
-        model = clipedge.load(
-            s.bundle,
-            backend=s.backend,
-            precision=s.precision,
-            threads=s.threads,
-            allow_urls=s.allow_urls,
-            allow_private_urls=s.allow_private_urls,
-            url_timeout=s.url_timeout,
-            preprocess_workers=s.prepare_workers,
-        )
+        model = self.opened or open_model(s)
+        self.opened = None
         for tower in model.manifest.towers:
             self.batchers[tower] = TowerBatcher(
                 model,
@@ -297,9 +311,11 @@ class AccessLog:
             )
 
 
-def create_app(settings: ServeSettings) -> FastAPI:
+def create_app(settings: ServeSettings, model: clipedge.ClipEdgeModel | None = None) -> FastAPI:
+    """The service as an ASGI app; `model`: one `open_model` already opened (else it is
+    opened in the background, and /ready says why if that fails)."""
     metrics = Metrics()
-    service = Service(settings, metrics)
+    service = Service(settings, metrics, model)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -335,8 +351,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return await api_error(request, error)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "alive"}
+    async def health() -> JSONResponse:
+        # A model that failed to load will not recover: let a supervisor restart the process.
+        if service.failed:
+            return JSONResponse({"status": "failed", "reason": service.failed}, 503)
+        return JSONResponse({"status": "alive"})
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
@@ -373,6 +392,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 "missing or wrong API key (Authorization: Bearer <key>)",
                 code="invalid_api_key",
             )
+        if service.failed:
+            raise ApiError(503, f"the model could not be loaded: {service.failed}", code="failed")
         if not service.ready:
             raise ApiError(
                 503, "the model is still loading", code="not_ready", headers={"Retry-After": "5"}

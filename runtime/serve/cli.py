@@ -12,17 +12,20 @@ from .settings import add_arguments, from_arguments
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .app import create_app
+    from clipedge.bundle.manifest import BundleError
+
+    from .app import create_app, open_model
 
     try:
         settings = from_arguments(args)
-    except ValueError as exc:
+        model = open_model(settings)  # a bad bundle, precision or backend: fail before listening
+    except (BundleError, OSError, TypeError, ValueError) as exc:
         print(f"clipedge serve: {exc}", file=sys.stderr)
         return 2
     logging.getLogger("clipedge").setLevel(logging.INFO)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, model),
         host=settings.host,
         port=settings.port,
         access_log=False,  # clipedge.serve.access logs one JSON line per request
