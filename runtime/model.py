@@ -240,6 +240,14 @@ class ClipEdgeModel:
         pad = int(self._tower("text").extra["pad_token_id"])
         return text_batches(prepared, batch_size, pad)
 
+    def image_batches(
+        self, prepared: PreparedImages, batch_size: int, offset: int = 0
+    ) -> Iterator[TowerBatch]:
+        """Stage 2 for images: batches of the valid images in input order (`offset`: the
+        index of `prepared`'s first item when it is a chunk of a longer input)."""
+        self._tower("vision")
+        return image_batches(prepared, batch_size, offset)
+
     def run(self, tower_name: str, batch: TowerBatch) -> np.ndarray:
         """Stage 3: one batch through the tower's session; the graph's raw output."""
         return self.session(tower_name).run(batch.feeds)
@@ -315,7 +323,7 @@ class ClipEdgeModel:
             for start, prepared in self._prepared_chunks(items, batch_size):
                 if (error := prepared.first_error()) is not None:
                     raise error
-                for batch in image_batches(prepared, batch_size, start):
+                for batch in self.image_batches(prepared, batch_size, start):
                     output = self.run("vision", batch)
                     result[batch.items] = self.finish("vision", batch, output, options)
                     bar.update(len(batch.items))

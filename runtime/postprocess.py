@@ -9,11 +9,12 @@ and the runtime all call it.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Collection
 from typing import Any
 
 import numpy as np
+
+from .user_warnings import warn
 
 # torch.nn.functional.normalize's default eps: a zero vector stays zero instead of becoming NaN.
 NORM_EPS = 1e-12
@@ -74,10 +75,9 @@ def check_truncate_dim(
     if not 1 <= truncate_dim <= embed_dim:
         raise ValueError(f"truncate_dim must be in [1, {embed_dim}], got {truncate_dim}")
     if trained_dims and truncate_dim not in trained_dims:
-        warnings.warn(
+        warn(
             f"truncate_dim={truncate_dim} is not one of the trained Matryoshka dimensions "
-            f"{sorted(trained_dims)}; retrieval quality may suffer",
-            stacklevel=3,
+            f"{sorted(trained_dims)}; retrieval quality may suffer"
         )
     return truncate_dim
 

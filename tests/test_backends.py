@@ -53,8 +53,9 @@ def test_options_of_another_backend_are_refused(tiny_bundle):
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the fallback path of a CPU-only onnxruntime")
 def test_requested_gpu_backend_falls_back_with_warning(tiny_bundle):
-    with pytest.warns(RuntimeWarning, match="falling back to cpu"):
+    with pytest.warns(RuntimeWarning, match="falling back to cpu") as record:
         model = clipedge.load(tiny_bundle, backend="cuda")
+    assert record[0].filename == __file__  # the caller's line, through load and the plan
     model.encode_text("a")
     assert model.plan.backend == "cpu"
     assert model.session("text").provider == "CPUExecutionProvider"

@@ -140,9 +140,10 @@ def test_invalid_truncate_dim(model, dim):
         model.encode_image([EXPECTED / "inputs" / "img0_rgb_97x61.png"], truncate_dim=dim)
 
 
-def test_untrained_truncate_dim_warns(model):
-    with pytest.warns(UserWarning, match="Matryoshka"):
+def test_untrained_truncate_dim_warns_at_the_callers_line(model):
+    with pytest.warns(UserWarning, match="Matryoshka") as record:
         assert model.encode_text("a", truncate_dim=48).shape == (48,)
+    assert record[0].filename == __file__  # not clipedge's own file
 
 
 @pytest.mark.parametrize("length", [0, 2, 8193, "512"])
@@ -322,6 +323,13 @@ def test_per_item_errors_keep_the_other_items(model, reference, image_files):
     assert [e is None for e in images.errors] == [True, False, True]
     assert images.errors[1].index == 1 and images.sizes[0] == (97, 61)
     np.testing.assert_array_equal(images.pixels[1], 0.0)
+    # The stages compose to what encode_image returns, the bad item left out.
+    options = model.finish_options(None, True)
+    batches = list(model.image_batches(images, batch_size=1))
+    assert [b.items for b in batches] == [[0], [2]]
+    vectors = [model.finish("vision", b, model.run("vision", b), options) for b in batches]
+    want = model.encode_image([image_files[0], image_files[1]])
+    np.testing.assert_allclose(np.concatenate(vectors), want, atol=1e-6)
 
 
 def test_manifest_tower_keys_are_checked(tiny_bundle, tmp_path):

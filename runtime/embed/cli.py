@@ -79,10 +79,20 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--column", help="table column with the text / image path, URL or bytes")
     parser.add_argument("--id-column", help="table column with ids (default: row number)")
     parser.add_argument("--keep", help="comma list of source columns to keep")
-    parser.add_argument("--backend", default="auto")
-    parser.add_argument("--precision")
-    parser.add_argument("--allow-urls", action="store_true")
-    parser.add_argument("--allow-private-urls", action="store_true")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        help="auto, cpu, cuda, tensorrt, tensorrt-native or openvino (default auto)",
+    )
+    parser.add_argument(
+        "--precision", help="a precision of the bundle (default: the fastest that passed)"
+    )
+    parser.add_argument("--allow-urls", action="store_true", help="fetch http(s) image URLs")
+    parser.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="also from private, loopback and link-local addresses",
+    )
     parser.add_argument(
         "--ray",
         nargs="?",

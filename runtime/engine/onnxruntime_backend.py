@@ -8,13 +8,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..bundle.manifest import BundleError, TowerManifest
+from ..user_warnings import warn
 from .profiles import ProfileLimits, tower_profile
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class OrtSession:
                 f"{graph.name}: {providers[0]} failed to initialise, running on {self.provider}"
             )
             if warn_on_fallback:
-                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                warn(message, RuntimeWarning)
             else:
                 log.info(message)
         self.input_names = [i.name for i in self._session.get_inputs()]

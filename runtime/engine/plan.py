@@ -11,11 +11,11 @@ caller's wishes; the model only follows the plan.
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..bundle.manifest import BundleError, GraphEntry, Manifest
+from ..user_warnings import warn
 from .registry import backend as get_backend
 
 log = logging.getLogger(__name__)
@@ -76,17 +76,15 @@ def choose_precision(
                 f"the {tower} {requested} graph ({entry.file}) runs only with backend='openvino'"
             )
         if not entry.passed:
-            warnings.warn(
+            warn(
                 f"{tower} {requested} graph missed its accuracy target at export "
                 f"({entry.accuracy}); results may drift from fp32",
                 RuntimeWarning,
-                stacklevel=4,
             )
         if entry.device not in ("any", device):
-            warnings.warn(
+            warn(
                 f"{tower} {requested} graph is meant for {entry.device}, running on {device}",
                 RuntimeWarning,
-                stacklevel=4,
             )
         return requested
     for precision in PREFERENCE[device]:
@@ -125,11 +123,10 @@ def choose_backend(requested: str, manifest: Manifest, options: object = None) -
     chosen = get_backend(requested)
     while not chosen.available() and chosen.fallback is not None:
         fallback = get_backend(chosen.fallback)
-        warnings.warn(
+        warn(
             f"backend {requested!r}: {chosen.name} is not available here (for GPUs install "
             f"onnxruntime-gpu); falling back to {fallback.name}",
             RuntimeWarning,
-            stacklevel=4,
         )
         chosen = fallback
     return chosen.name
