@@ -192,6 +192,10 @@ def calibrate_bundle(
     report(format_table(results))
     for precision, scores in retrieval.items():
         report(f"[calibrate] retrieval agreement {precision} vs fp32: {scores}")
+    report(
+        f"[calibrate] {bundle_dir}: {len(results)} graph(s) registered in clipedge.json, "
+        "accuracy_report.json written"
+    )
     return results
 
 

@@ -92,6 +92,7 @@ def test_every_precision_end_to_end(bundle_copy, reference, capsys):
     assert main(calibrate_args(bundle_copy, "--precisions", "fp16,int8,int8-cpu")) == 0
     out = capsys.readouterr().out
     assert "cos min" in out and "retrieval agreement" in out
+    assert "6 graph(s) registered in clipedge.json, accuracy_report.json written" in out
     manifest = json.loads((bundle_copy / "clipedge.json").read_text())
     graphs = manifest["towers"]["text"]["graphs"]
     assert graphs["int8-cpu"]["device"] == "cpu" and graphs["int8-cpu"]["accuracy"]["passed"]
