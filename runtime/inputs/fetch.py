@@ -80,7 +80,9 @@ def _fetch(url: str, policy: UrlPolicy) -> bytes:
     if _scheme(url) not in _DEFAULT_PORTS:
         raise _Refused(f"unsupported URL scheme {_scheme(url)!r} (only http and https)")
     if not policy.allow_urls:
-        raise _Refused(f"URL inputs are disabled (allow_urls=False): {url}")
+        raise _Refused(
+            f"URL inputs are disabled (allow_urls=False; --allow-urls to serve or embed): {url}"
+        )
     deadline = time.monotonic() + policy.timeout
     current = url
     for _ in range(MAX_REDIRECTS + 1):
