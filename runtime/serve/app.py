@@ -72,7 +72,6 @@ class Service:
         opens the sessions (blocking; run in a thread)."""
         s = self.settings
         model = self.opened or open_model(s)
-        self.opened = None
         for tower in model.manifest.towers:
             self.batchers[tower] = TowerBatcher(
                 model,
