@@ -15,6 +15,7 @@ compile and a few batches each; the others convert again per trial.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -133,17 +134,22 @@ def _rank(
         "each; the time left follows the first"
     )
     began = time.perf_counter()
-    for number, unit in enumerate(units, 1):
-        keep_float = [n for u, ns in units.items() if u != unit for n in ns] + list(other_nodes)
-        trial = destination.with_name(f"sensitivity-{unit}{destination.suffix}")
-        graph = convert(keep_float, trial)
-        drift[unit] = 1.0 - min(held_out.batch_minimums(graph, batches))
-        _remove_graph(graph)
-        each = (time.perf_counter() - began) / number
-        left = (
-            f", about {_duration(each * (len(units) - number))} left" if number < len(units) else ""
-        )
-        report(f"  ranked {number}/{len(units)} {unit}: drift {drift[unit]:.5f}{left}")
+    # Trials live in a scratch folder beside the bundle's graphs (same disk; a full-size trial
+    # is up to 2 GB), removed even when the search is interrupted (Ctrl-C).
+    with tempfile.TemporaryDirectory(prefix=".clipedge-search-", dir=destination.parent) as scratch:
+        for number, unit in enumerate(units, 1):
+            keep_float = [n for u, ns in units.items() if u != unit for n in ns]
+            trial = Path(scratch) / f"sensitivity-{unit}{destination.suffix}"
+            graph = convert([*keep_float, *other_nodes], trial)
+            drift[unit] = 1.0 - min(held_out.batch_minimums(graph, batches))
+            _remove_graph(graph)  # one trial on disk at a time
+            each = (time.perf_counter() - began) / number
+            left = (
+                f", about {_duration(each * (len(units) - number))} left"
+                if number < len(units)
+                else ""
+            )
+            report(f"  ranked {number}/{len(units)} {unit}: drift {drift[unit]:.5f}{left}")
     return drift
 
 

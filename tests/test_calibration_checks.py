@@ -191,6 +191,36 @@ def test_search_returns_the_fewest_ranked_blocks_that_meet_the_target(tmp_path, 
         assert lines[-1] == f"kept float: {', '.join(RANKED[:k])}"
 
 
+def test_search_trials_leave_nothing_beside_the_graph_even_when_interrupted(tmp_path):
+    fake = FakeConversions()
+    calls: list[Path] = []
+
+    def writing(keep_float, destination: Path, stop_at: int = 0) -> Path:
+        destination.write_bytes(b"graph")
+        calls.append(destination)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return fake.convert(keep_float, destination)
+
+    target = fake.cosine_with_float(RANKED[:2])
+    search.search_fallback(
+        writing, fake.blocks, fake.others, fake.held_out, target, tmp_path / "g.onnx"
+    )
+    assert any("sensitivity" in p.name for p in calls)
+    assert [p.name for p in tmp_path.iterdir()] == ["g.onnx"]
+    calls.clear()  # Ctrl-C in the middle of the ranking (the whole tower, then 2 trials)
+    with pytest.raises(KeyboardInterrupt):
+        search.search_fallback(
+            lambda keep, dst: writing(keep, dst, stop_at=4),
+            fake.blocks,
+            fake.others,
+            fake.held_out,
+            target,
+            tmp_path / "h.onnx",
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx", "h.onnx"]
+
+
 def test_search_falls_back_every_block_when_the_target_is_out_of_reach(tmp_path):
     fake = FakeConversions()
     destination = tmp_path / "g.onnx"
