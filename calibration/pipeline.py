@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +19,8 @@ import numpy as np
 import onnx
 
 import clipedge
-from clipedge.bundle.manifest import GraphEntry, describe_files, read_manifest
+from clipedge.bundle.manifest import GraphEntry, Manifest, describe_files, read_manifest
+from clipedge.model import ClipEdgeModel
 
 from .blocks import nodes_by_block
 from .data import CalibrationSet, tower_feeds
@@ -52,6 +55,7 @@ def _tower_precision(
     tower: str,
     precision: str,
     fp32_graph: Path,
+    destination: Path,
     calib_feeds: Sequence[Feed],
     held_feeds: Sequence[Feed],
     reference_held: np.ndarray,
@@ -63,7 +67,6 @@ def _tower_precision(
 ) -> tuple[TowerAccuracy, np.ndarray]:
     spec = PRECISIONS[precision]
     convert = spec.make_converter(fp32_graph, calib_feeds, method)
-    destination = fp32_graph.with_name(spec.graph_file(tower))
     fp32_blocks: list[str] = []
     if search:
         graph_model = onnx.load(str(fp32_graph), load_external_data=False)
@@ -117,20 +120,20 @@ def check_precisions(precisions: Sequence[str]) -> None:
             )
 
 
-def calibrate_bundle(
-    bundle_dir: str | Path,
+def _calibrate_towers(
+    bundle_dir: Path,
+    staging: Path,
+    manifest: Manifest,
+    model: ClipEdgeModel,
     precisions: Sequence[str],
     calibration: CalibrationSet,
-    method: str = "max",
-    targets: dict[str, float] | None = None,
-    search: bool = True,
-    report: Callable[[str], None] = print,
-) -> list[TowerAccuracy]:
-    """Convert, measure and register every requested precision of every tower in the bundle."""
-    check_precisions(precisions)
-    bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir)
-    model = clipedge.load(bundle_dir, backend="cpu", precision="fp32")
+    method: str,
+    targets: dict[str, float] | None,
+    search: bool,
+    report: Callable[[str], None],
+) -> tuple[list[TowerAccuracy], dict, dict]:
+    """Every precision of every tower, written into `staging`: the accuracies, the retrieval
+    agreement and the towers' manifest entries with the new graphs."""
     results: list[TowerAccuracy] = []
     held_embeddings: dict[tuple[str, str], np.ndarray] = {}
     towers = dict(manifest.towers)
@@ -146,10 +149,13 @@ def calibrate_bundle(
         for precision in precisions:
             target = (targets or {}).get(precision, PRECISIONS[precision].default_target)
             report(f"[calibrate] {tower} {precision}: converting (target cosine {target})")
+            spec = PRECISIONS[precision]
+            graph_file = spec.graph_file(tower)
             accuracy, embeddings = _tower_precision(
                 tower,
                 precision,
                 fp32_graph,
+                staging / graph_file,
                 calib_feeds,
                 held_feeds,
                 reference_held,
@@ -165,9 +171,7 @@ def calibrate_bundle(
             )
             results.append(accuracy)
             held_embeddings[(tower, precision)] = embeddings
-            spec = PRECISIONS[precision]
-            graph_file = spec.graph_file(tower)
-            data_file = weights_file(bundle_dir / graph_file)
+            data_file = weights_file(staging / graph_file)
             graphs[precision] = GraphEntry(
                 file=graph_file,
                 precision=precision,
@@ -185,10 +189,45 @@ def calibrate_bundle(
             )
             gc.collect()
         towers[tower] = replace(tower_manifest, graphs=graphs)
-    retrieval = _retrieval_agreement(held_embeddings, precisions)
-    write_report(bundle_dir, [r.to_dict() for r in results], retrieval)
-    updated = replace(manifest, towers=towers, files=describe_files(bundle_dir))
-    updated.save(bundle_dir)
+    return results, _retrieval_agreement(held_embeddings, precisions), towers
+
+
+def calibrate_bundle(
+    bundle_dir: str | Path,
+    precisions: Sequence[str],
+    calibration: CalibrationSet,
+    method: str = "max",
+    targets: dict[str, float] | None = None,
+    search: bool = True,
+    report: Callable[[str], None] = print,
+) -> list[TowerAccuracy]:
+    """Convert, measure and register every requested precision of every tower in the bundle."""
+    check_precisions(precisions)
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    model = clipedge.load(bundle_dir, backend="cpu", precision="fp32")
+    # New graphs are written to a staging folder inside the bundle and moved into place with
+    # the manifest at the end: an interrupted run leaves the bundle as it was (before, it left
+    # re-calibrated graphs that no longer matched the manifest, and the bundle would not load).
+    with tempfile.TemporaryDirectory(prefix=".clipedge-calibrate-", dir=bundle_dir) as staging:
+        results, retrieval, towers = _calibrate_towers(
+            bundle_dir,
+            Path(staging),
+            manifest,
+            model,
+            precisions,
+            calibration,
+            method,
+            targets,
+            search,
+            report,
+        )
+        for staged in sorted(Path(staging).iterdir()):
+            if staged.is_file():
+                os.replace(staged, bundle_dir / staged.name)
+        write_report(bundle_dir, [r.to_dict() for r in results], retrieval)
+        updated = replace(manifest, towers=towers, files=describe_files(bundle_dir))
+        updated.save(bundle_dir)
     report(format_table(results))
     for precision, scores in retrieval.items():
         report(f"[calibrate] retrieval agreement {precision} vs fp32: {scores}")

@@ -231,6 +231,27 @@ def test_precision_with_missing_package_fails_before_any_work(bundle_copy, monke
     assert (bundle_copy / "clipedge.json").read_text() == before
 
 
+def test_an_interrupted_calibration_leaves_the_bundle_as_it_was(bundle_copy, monkeypatch):
+    """Ctrl-C while a second precision converts: the graph the run had already rewritten
+    (int8, calibrated again on other samples) stays the old one, matching the manifest."""
+    from clipedge.calibration import precisions
+
+    assert main(calibrate_args(bundle_copy, "--precisions", "int8", "--no-search")) == 0
+    before = {p.name: p.read_bytes() for p in bundle_copy.iterdir()}
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    spec = dataclasses.replace(precisions.PRECISIONS["fp16"], make_converter=interrupted)
+    monkeypatch.setitem(precisions.PRECISIONS, "fp16", spec)
+    args = calibrate_args(bundle_copy, "--precisions", "int8,fp16", "--no-search", "--seed", "1")
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert {p.name: p.read_bytes() for p in bundle_copy.iterdir()} == before
+    model = clipedge.load(bundle_copy, backend="cpu", precision="int8", verify_checksums=True)
+    assert model.encode_text("a caption").shape == (model.manifest.embed_dim,)
+
+
 def test_an_unknown_precision_is_refused_before_the_data_is_read(tmp_path, capsys):
     argv = ["calibrate", str(tmp_path), "--calibration-images", str(tmp_path / "none")]
     assert main([*argv, "--precisions", "int4"]) == 1

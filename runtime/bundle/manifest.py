@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,8 +168,11 @@ class Manifest:
         }
 
     def save(self, bundle_dir: str | Path) -> Path:
+        """Write the manifest atomically (a reader never sees half of it)."""
         path = Path(bundle_dir) / MANIFEST_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        os.replace(partial, path)
         return path
 
 
