@@ -147,10 +147,10 @@ def _calibrate_towers(
         held_embeddings[(tower, "fp32")] = reference_held
         graphs = dict(tower_manifest.graphs)
         for precision in precisions:
-            target = (targets or {}).get(precision, PRECISIONS[precision].default_target)
-            report(f"[calibrate] {tower} {precision}: converting (target cosine {target})")
             spec = PRECISIONS[precision]
             graph_file = spec.graph_file(tower)
+            target = (targets or {}).get(precision, spec.default_target)
+            report(f"[calibrate] {tower} {precision}: converting (target cosine {target})")
             accuracy, embeddings = _tower_precision(
                 tower,
                 precision,
