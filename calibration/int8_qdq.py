@@ -67,6 +67,7 @@ from onnxruntime.transformers.onnx_model import OnnxModel
 from .feeds import Feed, RowFeedReader
 from .fp16 import head_nodes
 from .graph_io import save_model
+from .ort_advice import without_preprocessing_advice
 from .tensor_stats import tensor_stats
 
 log = logging.getLogger(__name__)
@@ -272,7 +273,7 @@ def quantize_qdq(
             reader = RowFeedReader(feeds)
         staged = Path(tmp) / "quantized.onnx"
         # The histogram calibrators print their progress; keep it out of the caller's output.
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), without_preprocessing_advice():
             quantize_static(
                 str(prepared),
                 str(staged),

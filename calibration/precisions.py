@@ -80,20 +80,13 @@ def _sensitive_nodes(src: Path) -> list[str]:
 
 def _int8_qdq(src: Path, feeds: Sequence[Feed], method: str) -> Converter:
     from .int8_qdq import quantize_qdq
+    from .onnx_variants import quantize_once
 
     sensitive = _sensitive_nodes(src)
-
-    def convert(keep_float: Sequence[str], dst: Path) -> Path:
-        return quantize_qdq(
-            src,
-            dst,
-            list(feeds),
-            method=method,
-            exclude_nodes=keep_float,
-            weight_only_nodes=sensitive,
-        )
-
-    return convert
+    return quantize_once(
+        src,
+        lambda dst: quantize_qdq(src, dst, list(feeds), method=method, weight_only_nodes=sensitive),
+    )
 
 
 # The onnxruntime CPU form that measured fastest at cosine >= 0.99 (benchmarks/bench_cpu.py).
@@ -102,11 +95,9 @@ CPU_INT8_MODE = "dynamic"
 
 def _int8_cpu(src: Path, feeds: Sequence[Feed], method: str) -> Converter:
     from .cpu_int8 import quantize_cpu
+    from .onnx_variants import quantize_once
 
-    def convert(keep_float: Sequence[str], dst: Path) -> Path:
-        return quantize_cpu(src, dst, CPU_INT8_MODE, list(feeds), exclude_nodes=keep_float)
-
-    return convert
+    return quantize_once(src, lambda dst: quantize_cpu(src, dst, CPU_INT8_MODE, list(feeds)))
 
 
 def _int8_openvino(src: Path, feeds: Sequence[Feed], method: str) -> Converter:

@@ -81,8 +81,13 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def row_cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Cosine of each candidate row to its reference row."""
+    return (normalise(reference) * normalise(candidate)).sum(-1)
+
+
 def cosine_stats(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-    cosine = (normalise(reference) * normalise(candidate)).sum(-1)
+    cosine = row_cosines(reference, candidate)
     return {
         "cosine_mean": float(cosine.mean()),
         "cosine_p1": float(np.percentile(cosine, 1)),

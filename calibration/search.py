@@ -3,13 +3,15 @@ in higher precision until a target, judged on the held-out set the report uses.
 
 1. Convert the whole tower; if its minimum cosine on the held-out feeds meets the target, done.
 2. Rank the units cheaply: convert one unit at a time (everything else float) and measure it
-   on the few held-out batches the whole-tower graph got most wrong (they decide the minimum).
+   on the few held-out items the whole-tower graph got most wrong (they decide the minimum).
 3. Keep the k most sensitive units float, k found by binary search on the whole held-out set
    (accuracy grows with k: about log2(units) conversions instead of one per unit).
 
 Every step prints what it did and, from the time of the first conversion, how long the rest
-will take. Converters that quantise once and derive variants (OpenVINO) make steps 2-3 cost a
-compile and a few batches each; the others convert again per trial.
+will take. The int8 converters quantise once and derive every variant from that graph
+(`openvino_int8.with_float_inputs`, `onnx_variants.quantize_once`), so steps 2-3 cost seconds
+of graph surgery and a run over a few held-out items (ranking) or all of them (step 3) each;
+fp16 converts again per trial (seconds, no data).
 """
 
 from __future__ import annotations
@@ -24,14 +26,15 @@ from pathlib import Path
 import numpy as np
 
 from .feeds import Feed
-from .report import cosine_stats, cpu_session, pooled_embeddings, weights_file
+from .report import cpu_session, pooled_embeddings, row_cosines, weights_file
 
 log = logging.getLogger(__name__)
 
 # convert(keep_float_nodes, destination) -> graph path: any of the precision converters.
 Converter = Callable[[Sequence[str], Path], Path]
-# The held-out batches with the lowest cosine under the whole-tower conversion rank the units.
-RANKING_BATCHES = 2
+# The held-out items with the lowest cosine under the whole-tower conversion rank the units:
+# they decide the minimum, and a handful of items costs a fraction of the held-out set's time.
+RANKING_ITEMS = 4
 
 
 @dataclass(frozen=True)
@@ -43,24 +46,31 @@ class SearchResult:
 
 
 class HeldOut:
-    """The held-out feeds and their fp32 embeddings, scored per batch."""
+    """The held-out feeds and their fp32 embeddings, scored per item."""
 
     def __init__(self, tower: str, feeds: Sequence[Feed], reference: np.ndarray) -> None:
-        self.tower, self.feeds = tower, list(feeds)
+        self.tower, self.feeds, self.reference = tower, list(feeds), reference
         sizes = [len(next(iter(feed.values()))) for feed in self.feeds]
-        bounds = np.cumsum([0, *sizes])
-        self.references = [reference[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        self.bounds = np.cumsum([0, *sizes])
 
-    def batch_minimums(self, graph: Path, batches: Sequence[int] | None = None) -> list[float]:
-        """Minimum cosine to fp32 of each batch (all of them, or the ones given)."""
-        session = cpu_session(graph)
-        chosen = range(len(self.feeds)) if batches is None else batches
-        return [
-            cosine_stats(
-                self.references[i], pooled_embeddings(session, self.tower, [self.feeds[i]])
-            )["cosine_min"]
-            for i in chosen
-        ]
+    def __len__(self) -> int:
+        return int(self.bounds[-1])
+
+    def cosines(self, graph: Path) -> np.ndarray:
+        """Cosine to fp32 of every item, in order."""
+        embeddings = pooled_embeddings(cpu_session(graph), self.tower, self.feeds)
+        return row_cosines(self.reference, embeddings)
+
+    def subset(self, items: Sequence[int]) -> HeldOut:
+        """The chosen items (indices into this set), one feed per batch they come from: a
+        batch's rows share its padding, so text rows of different batches stay apart."""
+        chosen = np.sort(np.asarray(items, dtype=int))
+        feeds = []
+        for feed, start, stop in zip(self.feeds, self.bounds[:-1], self.bounds[1:], strict=True):
+            rows = chosen[(chosen >= start) & (chosen < stop)] - start
+            if len(rows):
+                feeds.append({name: value[rows] for name, value in feed.items()})
+        return HeldOut(self.tower, feeds, self.reference[chosen])
 
 
 def _duration(seconds: float) -> str:
@@ -79,22 +89,22 @@ def search_fallback(
     """The fewest float units that meet `target_cosine` on `held_out` (all float at worst)."""
     start = time.perf_counter()
     graph = convert([], destination)
-    per_batch = held_out.batch_minimums(graph)
-    best = min(per_batch)
+    cosines = held_out.cosines(graph)
+    best = float(cosines.min())
     report(
-        f"whole tower converted: min cosine {best:.5f} on {len(held_out.references)} held-out "
-        f"batches (target {target_cosine}) in {_duration(time.perf_counter() - start)}"
+        f"whole tower converted: min cosine {best:.5f} on {len(held_out)} held-out items "
+        f"(target {target_cosine}) in {_duration(time.perf_counter() - start)}"
     )
     if best >= target_cosine:
         return SearchResult(graph, best, [], {})
-    ranking = [int(i) for i in np.argsort(per_batch)[:RANKING_BATCHES]]
-    sensitivity = _rank(convert, units, other_nodes, held_out, ranking, destination, report)
+    worst = held_out.subset(np.argsort(cosines)[:RANKING_ITEMS])
+    sensitivity = _rank(convert, units, other_nodes, worst, destination, report)
     ranked = sorted(units, key=lambda unit: -sensitivity[unit])
 
     def attempt(k: int) -> float:
         began = time.perf_counter()
         convert([n for unit in ranked[:k] for n in units[unit]], destination)
-        score = min(held_out.batch_minimums(destination))
+        score = float(held_out.cosines(destination).min())
         report(
             f"  {k} float unit(s): min cosine {score:.5f} "
             f"({_duration(time.perf_counter() - began)})"
@@ -103,7 +113,7 @@ def search_fallback(
 
     low, high = 0, len(ranked)  # k = low fails; k = high (all float) is the fallback
     steps = int(np.ceil(np.log2(max(2, len(ranked)))))
-    report(f"searching how many to keep float: at most {steps} conversions on all batches")
+    report(f"searching how many to keep float: at most {steps} variants on all held-out items")
     results, last = {0: best}, 0
     while high - low > 1:
         middle = (low + high) // 2
@@ -122,16 +132,15 @@ def _rank(
     convert: Converter,
     units: dict[str, list[str]],
     other_nodes: Sequence[str],
-    held_out: HeldOut,
-    batches: Sequence[int],
+    worst: HeldOut,
     destination: Path,
     report: Callable[[str], None],
 ) -> dict[str, float]:
-    """Drift (1 - min cosine on `batches`) when only that unit is converted."""
+    """Drift (1 - min cosine on the `worst` items) when only that unit is converted."""
     drift: dict[str, float] = {}
     report(
-        f"ranking {len(units)} units: one conversion and {len(batches)} held-out batch(es) "
-        "each; the time left follows the first"
+        f"ranking {len(units)} units: one variant each, scored on the {len(worst)} held-out "
+        "items the whole tower got most wrong; the time left follows the first"
     )
     began = time.perf_counter()
     # Trials live in a scratch folder beside the bundle's graphs (same disk; a full-size trial
@@ -141,7 +150,7 @@ def _rank(
             keep_float = [n for u, ns in units.items() if u != unit for n in ns]
             trial = Path(scratch) / f"sensitivity-{unit}{destination.suffix}"
             graph = convert([*keep_float, *other_nodes], trial)
-            drift[unit] = 1.0 - min(held_out.batch_minimums(graph, batches))
+            drift[unit] = 1.0 - float(worst.cosines(graph).min())
             _remove_graph(graph)  # one trial on disk at a time
             each = (time.perf_counter() - began) / number
             left = (

@@ -15,6 +15,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 
 from . import __version__
 
@@ -66,12 +67,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as the command's own lines: the user's "line" is the console script."""
+    print(f"clipedge: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = build_parser(_command(argv)).parse_args(argv)
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
-        return args.handler(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _print_warning
+            return args.handler(args)
     except ModuleNotFoundError as exc:
         extra = EXTRAS.get((exc.name or "").partition(".")[0])
         if extra is None:

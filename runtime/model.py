@@ -212,13 +212,17 @@ class ClipEdgeModel:
 
     # ----- stages ----------------------------------------------------------------------------
 
-    def finish_options(self, truncate_dim: Any, normalize: bool | None) -> FinishOptions:
-        """Validated truncation and normalisation (None: the manifest's `normalize`)."""
+    def finish_options(
+        self, truncate_dim: Any, normalize: bool | None, option: str = "truncate_dim"
+    ) -> FinishOptions:
+        """Validated truncation and normalisation (None: the manifest's `normalize`); errors
+        name the setting as `option` (the caller's name for it)."""
         return FinishOptions.checked(
             truncate_dim,
             self.manifest.normalize if normalize is None else normalize,
             self.manifest.embed_dim,
             self.manifest.matryoshka_dimensions,
+            option,
         )
 
     def prepare_texts(

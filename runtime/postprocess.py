@@ -61,22 +61,26 @@ def nonfinite_rows(embeddings: np.ndarray) -> list[int]:
 
 
 def check_truncate_dim(
-    truncate_dim: Any, embed_dim: int, trained_dims: Collection[int] = ()
+    truncate_dim: Any,
+    embed_dim: int,
+    trained_dims: Collection[int] = (),
+    option: str = "truncate_dim",
 ) -> int | None:
     """The dimension to keep (NumPy integers accepted), or None for all of them.
 
     Dims outside 1..embed_dim are refused; dims the model was not trained to use warn.
+    `option` is the name the caller knows the setting by (the batch tool's `dimensions`).
     """
     if truncate_dim is None:
         return None
     if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int | np.integer):
-        raise ValueError(f"truncate_dim must be an int, got {type(truncate_dim).__name__}")
+        raise ValueError(f"{option} must be an int, got {type(truncate_dim).__name__}")
     truncate_dim = int(truncate_dim)
     if not 1 <= truncate_dim <= embed_dim:
-        raise ValueError(f"truncate_dim must be in [1, {embed_dim}], got {truncate_dim}")
+        raise ValueError(f"{option} must be in [1, {embed_dim}], got {truncate_dim}")
     if trained_dims and truncate_dim not in trained_dims:
         warn(
-            f"truncate_dim={truncate_dim} is not one of the trained Matryoshka dimensions "
+            f"{option}={truncate_dim} is not one of the trained Matryoshka dimensions "
             f"{sorted(trained_dims)}; retrieval quality may suffer"
         )
     return truncate_dim

@@ -145,21 +145,26 @@ class FakeConversions:
 
     @property
     def held_out(self):
-        """A held-out set of three batches scoring the graph's min cosine, 0.001 and 0.002
-        better for the second and third (so ranking reads the first two)."""
-        fake = self
-
-        class HeldOut:
-            references = [None, None, None]
-
-            def batch_minimums(self, graph, batches=None):
-                scores = [fake.min_cosine(graph) + d for d in (0.0, 0.001, 0.002)]
-                return scores if batches is None else [scores[i] for i in batches]
-
-        return HeldOut()
+        """A held-out set of six items scoring the graph's min cosine, each the next 0.001
+        better (so the ranking's worst items include the first)."""
+        return FakeHeldOut(self, offsets=[0.001 * i for i in range(6)])
 
     def cosine_with_float(self, blocks: list[str]) -> float:
         return 1.0 - OTHER_DRIFT - sum(d for b, d in DRIFT.items() if b not in blocks)
+
+
+class FakeHeldOut:
+    def __init__(self, conversions: FakeConversions, offsets: list[float]) -> None:
+        self.conversions, self.offsets = conversions, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def cosines(self, graph):
+        return np.array([self.conversions.min_cosine(graph) + d for d in self.offsets])
+
+    def subset(self, items):
+        return FakeHeldOut(self.conversions, [self.offsets[i] for i in items])
 
 
 RANKED = sorted(DRIFT, key=lambda b: -DRIFT[b])
@@ -246,21 +251,31 @@ def test_held_out_set_is_at_least_32_where_half_the_items_allow(count, held, cap
     assert warned == (held < MIN_HELD_OUT)
 
 
-def test_held_out_batches_score_their_own_rows(tmp_path, monkeypatch):
-    """Each batch is scored against its own slice of the reference rows."""
+def test_held_out_items_are_scored_against_their_own_rows(tmp_path, monkeypatch):
+    """Each item is scored against its own reference row; a subset keeps the rows (and the
+    batches) its items came from."""
     reference = np.eye(5, dtype=np.float32)
     feeds = [{"x": reference[:2]}, {"x": reference[2:5]}]
     held_out = search.HeldOut("vision", feeds, reference)
     flipped = {0: 1.0, 1: 1.0, 2: 1.0, 3: -1.0, 4: 1.0}  # row 3 points the other way
+    runs = []
 
     class Session:
         def run(self, feed):
+            runs.append(len(feed["x"]))
             return feed["x"] * np.array([[flipped[int(np.argmax(r))]] for r in feed["x"]])
 
     monkeypatch.setattr(search, "cpu_session", lambda graph: Session())
-    monkeypatch.setattr(search, "pooled_embeddings", lambda s, tower, fs: s.run(fs[0]))
-    assert held_out.batch_minimums(tmp_path) == pytest.approx([1.0, -1.0])
-    assert held_out.batch_minimums(tmp_path, [1]) == pytest.approx([-1.0])
+    monkeypatch.setattr(
+        search, "pooled_embeddings", lambda s, tower, fs: np.concatenate([s.run(f) for f in fs])
+    )
+    assert len(held_out) == 5
+    assert held_out.cosines(tmp_path) == pytest.approx([1.0, 1.0, 1.0, -1.0, 1.0])
+    worst = held_out.subset([3, 1])
+    assert len(worst) == 2 and [len(f["x"]) for f in worst.feeds] == [1, 1]
+    runs.clear()
+    assert worst.cosines(tmp_path) == pytest.approx([1.0, -1.0])  # items 1 and 3, in order
+    assert runs == [1, 1], "only the chosen items run"
 
 
 # -- the block search and the report on the tiny bundle ---------------------------------------

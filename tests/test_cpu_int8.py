@@ -131,12 +131,59 @@ def test_excluded_nodes_stay_float(tiny_bundle, feeds, tmp_path, mode):
     assert _min_cosine(_run(dst, feeds["vision"]), _run(src, feeds["vision"])) >= MIN_COSINE
 
 
+@pytest.mark.parametrize("tower", ["text", "vision"])
+def test_search_variants_are_derived_from_one_conversion(
+    tiny_bundle, feeds, tmp_path, monkeypatch, tower
+):
+    """The int8-cpu converter quantises once; a variant with nodes float equals converting
+    again with those nodes excluded (bit for bit), whether one block or all but one."""
+    from clipedge.calibration.blocks import nodes_by_block
+    from clipedge.calibration.precisions import PRECISIONS
+
+    runs = []
+    monkeypatch.setattr(
+        cpu_int8, "quantize_cpu", lambda *a, **k: runs.append(a) or quantize_cpu(*a, **k)
+    )
+    src = tiny_bundle / f"{tower}.onnx"
+    model = onnx.load(str(src))
+    blocks = nodes_by_block(model)
+    first, *rest = blocks.values()
+    everything_but_first = [n.name for n in model.graph.node if n.name not in set(first)]
+    convert = PRECISIONS["int8-cpu"].make_converter(src, feeds[tower], "max")
+    convert([], tmp_path / "whole.onnx")
+    for label, keep in (("one", first), ("all-but-one", everything_but_first)):
+        derived = convert(keep, tmp_path / f"{label}-derived.onnx")
+        direct = quantize_cpu(src, tmp_path / f"{label}-direct.onnx", "dynamic", exclude_nodes=keep)
+        assert _ops(derived) == _ops(direct)
+        np.testing.assert_array_equal(_run(derived, feeds[tower]), _run(direct, feeds[tower]))
+    assert len(runs) == 1, "one onnxruntime conversion for every variant"
+    with pytest.raises(ValueError, match="not in the float graph"):
+        convert(["no-such-node"], tmp_path / "bad.onnx")
+
+
 def test_large_graphs_keep_weights_external(tiny_bundle, tmp_path, monkeypatch):
     # The full-size text tower (2.2 GB) cannot be one protobuf: pretend the tiny one is large.
     monkeypatch.setattr(graph_io, "PROTOBUF_LIMIT", 0)
     dst = quantize_cpu(tiny_bundle / "text.onnx", tmp_path / "text.onnx", "dynamic")
     assert (tmp_path / "text.onnx.data").stat().st_size > dst.stat().st_size
     ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+
+
+def test_quantising_keeps_onnxruntime_preprocessing_advice_out_of_the_log(
+    tiny_bundle, tmp_path, caplog
+):
+    """The converters skip `quant_pre_process` on purpose (it may rename the nodes the block
+    search names); its advice is dropped, other root-logger warnings are not."""
+    import logging
+
+    from clipedge.calibration.ort_advice import without_preprocessing_advice
+
+    with caplog.at_level(logging.WARNING):
+        quantize_cpu(tiny_bundle / "text.onnx", tmp_path / "text.onnx", "dynamic")
+        with without_preprocessing_advice():
+            logging.warning("something else")
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == ["something else"]
 
 
 def test_bad_arguments(tiny_bundle, tmp_path):

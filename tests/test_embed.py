@@ -160,6 +160,22 @@ def test_a_bad_precision_is_one_line_not_a_traceback(tiny_bundle, tmp_path, caps
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.parquet"))
 
 
+def test_dimensions_are_named_as_the_command_names_them(tiny_bundle, tmp_path, capsys):
+    """Errors and warnings about --dimensions say `dimensions` (not the library's
+    `truncate_dim`), and a warning is one `clipedge: warning:` line, not a path in the venv."""
+    from clipedge.cli import main
+
+    source = tmp_path / "texts.txt"
+    source.write_text("a caption\n")
+    argv = ["embed", str(tiny_bundle), "--texts", str(source)]
+    assert main([*argv, "-o", str(tmp_path / "a"), "--dimensions", "0"]) == 1
+    assert capsys.readouterr().err == "clipedge embed: dimensions must be in [1, 64], got 0\n"
+    assert main([*argv, "-o", str(tmp_path / "b"), "--dimensions", "7"]) == 0
+    assert capsys.readouterr().err.startswith(
+        "clipedge: warning: dimensions=7 is not one of the trained Matryoshka dimensions"
+    )
+
+
 class SlowImages(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         time.sleep(0.15)

@@ -224,6 +224,42 @@ def test_exclude_nodes_stay_float(tiny_bundle, feeds, tmp_path, tower):
     )
 
 
+@pytest.mark.parametrize("tower", TOWERS)
+def test_search_variants_are_derived_from_one_calibration(
+    tiny_bundle, feeds, tmp_path, monkeypatch, tower
+):
+    """The int8 converter calibrates once; a block kept float in a variant matches a fresh
+    conversion with that block excluded, bit for bit (the rest reads the same ranges)."""
+    from clipedge.calibration import int8_qdq
+    from clipedge.calibration.blocks import nodes_by_block, nodes_in_scope
+    from clipedge.calibration.precisions import PRECISIONS, SENSITIVE_SCOPES
+
+    runs = []
+    monkeypatch.setattr(
+        int8_qdq, "quantize_qdq", lambda *a, **k: runs.append(a) or quantize_qdq(*a, **k)
+    )
+    src = tiny_bundle / f"{tower}.onnx"
+    calibration = feeds[tower, False]
+    graph = onnx.load(str(src))
+    block = next(iter(nodes_by_block(graph).values()))
+    convert = PRECISIONS["int8"].make_converter(src, calibration, "max")
+    convert([], tmp_path / "whole.onnx")
+    derived = convert(block, tmp_path / "derived.onnx")
+    direct = int8_qdq.quantize_qdq(
+        src,
+        tmp_path / "direct.onnx",
+        calibration,
+        exclude_nodes=block,
+        weight_only_nodes=[n for scope in SENSITIVE_SCOPES for n in nodes_in_scope(graph, scope)],
+    )
+    held = feeds[tower, True]
+    np.testing.assert_array_equal(
+        pooled_embeddings(cpu_session(derived), tower, held),
+        pooled_embeddings(cpu_session(direct), tower, held),
+    )
+    assert len(runs) == 2, "one calibration for the whole tower and every variant"
+
+
 def test_feed_reader_yields_single_rows_and_honours_ranges():
     feeds = [
         {"x": np.arange(6, dtype=np.float32).reshape(3, 2)},

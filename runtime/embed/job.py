@@ -180,7 +180,7 @@ class Embedder:
             allow_private_urls=job.allow_private_urls,
         )
         self.tower = KINDS[job.kind]
-        self.options = self.model.finish_options(job.dimensions, True)
+        self.options = self.model.finish_options(job.dimensions, True, option="dimensions")
         self.dim = self.options.truncate_dim or self.model.manifest.embed_dim
 
     # -- preparation ------------------------------------------------------------------

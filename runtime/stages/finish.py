@@ -39,8 +39,10 @@ class FinishOptions:
         normalize: bool,
         embed_dim: int,
         trained_dims: Collection[int] = (),
+        option: str = "truncate_dim",
     ) -> FinishOptions:
-        return cls(check_truncate_dim(truncate_dim, embed_dim, trained_dims), bool(normalize))
+        truncate_dim = check_truncate_dim(truncate_dim, embed_dim, trained_dims, option)
+        return cls(truncate_dim, bool(normalize))
 
 
 def finish(
