@@ -4,8 +4,10 @@ in higher precision until a target, judged on the held-out set the report uses.
 1. Convert the whole tower; if its minimum cosine on the held-out feeds meets the target, done.
 2. Rank the units cheaply: convert one unit at a time (everything else float) and measure it
    on the few held-out items the whole-tower graph got most wrong (they decide the minimum).
-3. Keep the k most sensitive units float, k found by binary search on the whole held-out set
-   (accuracy grows with k: about log2(units) conversions instead of one per unit).
+3. Keep the k most sensitive units float, the smallest k that meets the target on the whole
+   held-out set: k = 1, 2, 4, ... until one does, then bisecting the last gap (accuracy grows
+   with k, and the answer is usually a few units). A variant that misses on the worst items
+   is a miss without running the rest; only passes run on every held-out item.
 
 Every step prints what it did and, from the time of the first conversion, how long the rest
 will take. The int8 converters quantise once and derive every variant from that graph
@@ -101,20 +103,38 @@ def search_fallback(
     sensitivity = _rank(convert, units, other_nodes, worst, destination, report)
     ranked = sorted(units, key=lambda unit: -sensitivity[unit])
 
-    def attempt(k: int) -> float:
+    def keep(k: int) -> list[str]:
+        return [n for unit in ranked[:k] for n in units[unit]]
+
+    def attempt(k: int, full: bool = False) -> float:
+        """Min cosine with the k most sensitive units float. A miss on the worst items is a
+        miss on the set, so only a variant that passes there (or a `full` one) runs on all."""
         began = time.perf_counter()
-        convert([n for unit in ranked[:k] for n in units[unit]], destination)
-        score = float(held_out.cosines(destination).min())
+        convert(keep(k), destination)
+        score, scope = None, "all held-out items"
+        if not full:
+            score, scope = float(worst.cosines(destination).min()), f"the {len(worst)} worst"
+        if score is None or score >= target_cosine:
+            score, scope = float(held_out.cosines(destination).min()), "all held-out items"
         report(
-            f"  {k} float unit(s): min cosine {score:.5f} "
+            f"  {k} float unit(s): min cosine {score:.5f} on {scope} "
             f"({_duration(time.perf_counter() - began)})"
         )
         return score
 
+    report(
+        "finding how many to keep float: 1, 2, 4, ... units until the target is met, then "
+        f"halving the gap; a variant that misses on the {len(worst)} worst items is not run "
+        "on the others"
+    )
     low, high = 0, len(ranked)  # k = low fails; k = high (all float) is the fallback
-    steps = int(np.ceil(np.log2(max(2, len(ranked)))))
-    report(f"searching how many to keep float: at most {steps} variants on all held-out items")
-    results, last = {0: best}, 0
+    results, last, k = {0: best}, 0, 1
+    while k < high:
+        results[k], last = attempt(k), k
+        if results[k] >= target_cosine:
+            high = k
+            break
+        low, k = k, 2 * k
     while high - low > 1:
         middle = (low + high) // 2
         results[middle], last = attempt(middle), middle
@@ -122,8 +142,11 @@ def search_fallback(
             high = middle
         else:
             low = middle
-    if last != high:  # the last graph built may be a failing k: build the chosen one
-        results[high] = attempt(high)
+    if last != high:  # the last graph built was a miss: build the chosen one
+        if high in results:
+            convert(keep(high), destination)
+        else:
+            results[high] = attempt(high, full=True)
     report(f"kept float: {', '.join(ranked[:high]) or 'none'}")
     return SearchResult(destination, results[high], ranked[:high], sensitivity)
 

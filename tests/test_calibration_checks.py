@@ -138,7 +138,9 @@ class FakeConversions:
         return destination
 
     def min_cosine(self, graph: Path) -> float:
-        kept = self.kept[graph]
+        return self.min_cosine_of(self.kept[graph])
+
+    def min_cosine_of(self, kept: frozenset[str]) -> float:
         drift = sum(d for b, d in DRIFT.items() if not set(self.blocks[b]) <= kept)
         drift += 0.0 if set(self.others) <= kept else OTHER_DRIFT
         return 1.0 - drift
@@ -156,11 +158,13 @@ class FakeConversions:
 class FakeHeldOut:
     def __init__(self, conversions: FakeConversions, offsets: list[float]) -> None:
         self.conversions, self.offsets = conversions, offsets
+        self.runs: list[frozenset[str]] = []  # the float nodes of each graph run on this set
 
     def __len__(self) -> int:
         return len(self.offsets)
 
     def cosines(self, graph):
+        self.runs.append(self.conversions.kept[graph])
         return np.array([self.conversions.min_cosine(graph) + d for d in self.offsets])
 
     def subset(self, items):
@@ -176,8 +180,9 @@ def test_search_returns_the_fewest_ranked_blocks_that_meet_the_target(tmp_path, 
     target = fake.cosine_with_float(RANKED[:k])  # met with exactly k blocks, not with k - 1
     destination = tmp_path / "text.int8.onnx"
     lines: list[str] = []
+    held_out = fake.held_out
     result = search.search_fallback(
-        fake.convert, fake.blocks, fake.others, fake.held_out, target, destination, lines.append
+        fake.convert, fake.blocks, fake.others, held_out, target, destination, lines.append
     )
     assert result.fp32_blocks == RANKED[:k]
     assert result.min_cosine == pytest.approx(target, abs=1e-12) and result.min_cosine >= target
@@ -187,7 +192,13 @@ def test_search_returns_the_fewest_ranked_blocks_that_meet_the_target(tmp_path, 
     # Sensitivity is measured only when the whole-tower conversion misses the target.
     assert result.sensitivity == (pytest.approx(DRIFT) if k else {})
     builds = fake.calls.count(destination)
-    assert builds <= 2 + math.ceil(math.log2(len(DRIFT))), "binary search, not a linear scan"
+    steps = math.ceil(math.log2(len(DRIFT)))
+    assert builds <= 3 + 2 * steps, "doubling then bisecting, not a linear scan"
+    # Only the whole tower and variants that meet the target run on every held-out item.
+    whole, *passes = held_out.runs
+    assert whole == frozenset()
+    assert all(fake.min_cosine_of(kept) >= target for kept in passes)
+    assert len(passes) <= 1 + steps
     # Progress: one line per ranked unit with the time left, and the units kept float.
     ranked_lines = [line for line in lines if line.strip().startswith("ranked")]
     assert len(ranked_lines) == (len(DRIFT) if k else 0)
