@@ -6,13 +6,19 @@ for 30 variants would convert 30 times (25 minutes for the vision ranking alone)
 the name of every tensor of the float graph, so a variant with some nodes float is the
 quantised graph with those nodes' replacements swapped back for the float nodes: remove the
 quantised node of that name and whatever produces the node's outputs, insert the float node,
-drop what nothing reads any more. That takes seconds, with the same result as converting
-with those nodes excluded.
+drop what nothing reads any more. That takes seconds.
+
+For dynamic int8 the result is the graph a conversion with those nodes excluded writes (tested
+bit for bit). For Q/DQ the quantised nodes are the same, and their activation ranges are the
+ones calibrated once on the whole-int8 graph; a float node also reads its float input even
+where onnxruntime would have fed it the Q/DQ copy of an input it shares with a quantised node.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -21,19 +27,27 @@ from onnxruntime.transformers.onnx_model import OnnxModel
 from .graph_io import save_model
 
 
-def with_float_nodes(
-    quantized: onnx.ModelProto,
-    original: onnx.ModelProto,
-    float_nodes: Sequence[str],
-    weights: dict[str, onnx.TensorProto],
-) -> onnx.ModelProto:
-    """`quantized` with the nodes named `float_nodes` back as they are in `original`.
+@dataclass(frozen=True)
+class Graph:
+    """A graph's nodes without its initializers (a cheap copy), and the initializers by name."""
 
-    `quantized` and `original` are weightless skeletons (nodes only); `weights` maps every
-    initializer name of both graphs to its tensor (the quantised graph's first). The result
-    carries only the weights its nodes read.
-    """
-    originals = {node.name: node for node in original.graph.node}
+    skeleton: onnx.ModelProto
+    weights: dict[str, onnx.TensorProto]
+
+    @classmethod
+    def load(cls, path: Path) -> Graph:
+        model = onnx.load(str(path))
+        weights = {tensor.name: tensor for tensor in model.graph.initializer}
+        model.graph.ClearField("initializer")  # the tensors live on, referenced by `weights`
+        return cls(model, weights)
+
+
+def with_float_nodes(
+    quantized: Graph, original: Graph, float_nodes: Sequence[str]
+) -> onnx.ModelProto:
+    """`quantized` with the nodes named `float_nodes` back as they are in `original`, carrying
+    only the weights its nodes read (the float nodes' from `original`)."""
+    originals = {node.name: node for node in original.skeleton.graph.node}
     unknown = [name for name in float_nodes if name not in originals]
     if unknown:
         raise ValueError(f"{len(unknown)} node(s) not in the float graph, e.g. {unknown[:3]}")
@@ -43,7 +57,7 @@ def with_float_nodes(
     # produced earlier (the quantised chain read them), its readers come later.
     position: dict[str, int] = {}
     kept: list[tuple[int, onnx.NodeProto]] = []
-    for index, node in enumerate(quantized.graph.node):
+    for index, node in enumerate(quantized.skeleton.graph.node):
         owners = {replaced_by[out] for out in node.output if out in replaced_by}
         if node.name in wanted:
             owners.add(node.name)
@@ -61,49 +75,42 @@ def with_float_nodes(
         key=lambda item: item[0],
     )
     model = onnx.ModelProto()
-    model.CopyFrom(quantized)
+    model.CopyFrom(quantized.skeleton)
     graph = model.graph
     graph.ClearField("node")
     graph.node.extend(node for _, node in ordered)
     # Drops the quantisers and scale products that only fed the removed nodes.
     OnnxModel(model).prune_graph(allow_remove_graph_inputs=False)
-    read = {name for node in graph.node for name in node.input}
     produced = {name for node in graph.node for name in node.output}
     values = [value for value in graph.value_info if value.name in produced]
     graph.ClearField("value_info")
     graph.value_info.extend(values)
-    graph.initializer.extend(weights[name] for name in sorted(read) if name in weights)
+    float_reads = {name for node in wanted.values() for name in node.input}
+    available = produced | {value.name for value in graph.input} | {""}
+    for name in sorted({name for node in graph.node for name in node.input} - available):
+        sources = (original, quantized) if name in float_reads else (quantized, original)
+        tensor = next((g.weights[name] for g in sources if name in g.weights), None)
+        if tensor is None:
+            raise ValueError(f"the variant reads {name!r}, which no node or weight provides")
+        graph.initializer.append(tensor)
     return model
-
-
-def _skeleton(path: Path) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
-    """A graph without its initializers, and the initializers by name."""
-    model = onnx.load(str(path))
-    weights = {tensor.name: tensor for tensor in model.graph.initializer}
-    model.graph.ClearField("initializer")  # the tensors live on, referenced by `weights`
-    return model, weights
 
 
 def quantize_once(
     src: Path, quantize: Callable[[Path], Path]
 ) -> Callable[[Sequence[str], Path], Path]:
     """A search converter: `quantize(dst)` writes the whole-tower graph on the first call;
-    every variant after it is derived from that graph and the float one `src`."""
-    state: dict[str, tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]] = {}
+    every variant after it is derived from that graph and the float one `src` (both held in
+    memory until the converter is dropped)."""
+    quantized: list[Graph] = []
+    original = functools.cache(lambda: Graph.load(src))
 
     def convert(keep_float: Sequence[str], dst: Path) -> Path:
-        if "quantized" not in state:
+        if not quantized:
             whole = quantize(dst)
-            state["quantized"] = _skeleton(whole)
+            quantized.append(Graph.load(whole))
             if not keep_float:
                 return whole
-        if "float" not in state:
-            state["float"] = _skeleton(src)
-        (quantized, quantized_weights), (original, float_weights) = (
-            state["quantized"],
-            state["float"],
-        )
-        weights = {**float_weights, **quantized_weights}
-        return save_model(with_float_nodes(quantized, original, keep_float, weights), dst)
+        return save_model(with_float_nodes(quantized[0], original(), keep_float), dst)
 
     return convert

@@ -83,6 +83,7 @@ def _tower_precision(
         fp32_blocks = result.fp32_blocks
     else:
         convert([], destination)
+    del convert  # converters that derive variants hold both graphs in memory
     overflow: list[str] = []
     if precision == "fp16":
         from .fp16 import find_overflow

@@ -88,7 +88,8 @@ def search_fallback(
     destination: Path,
     report: Callable[[str], None] = log.info,
 ) -> SearchResult:
-    """The fewest float units that meet `target_cosine` on `held_out` (all float at worst)."""
+    """The fewest float units that meet `target_cosine` on `held_out` (every unit float at
+    worst; `other_nodes` are float only while ranking)."""
     start = time.perf_counter()
     graph = convert([], destination)
     cosines = held_out.cosines(graph)
@@ -99,7 +100,8 @@ def search_fallback(
     )
     if best >= target_cosine:
         return SearchResult(graph, best, [], {})
-    worst = held_out.subset(np.argsort(cosines)[:RANKING_ITEMS])
+    # NaN (an overflow in the variant) sorts last in argsort: count it as the worst there is.
+    worst = held_out.subset(np.argsort(np.nan_to_num(cosines, nan=-2.0))[:RANKING_ITEMS])
     sensitivity = _rank(convert, units, other_nodes, worst, destination, report)
     ranked = sorted(units, key=lambda unit: -sensitivity[unit])
 
@@ -112,7 +114,7 @@ def search_fallback(
         began = time.perf_counter()
         convert(keep(k), destination)
         score, scope = None, "all held-out items"
-        if not full:
+        if not full and len(worst) < len(held_out):
             score, scope = float(worst.cosines(destination).min()), f"the {len(worst)} worst"
         if score is None or score >= target_cosine:
             score, scope = float(held_out.cosines(destination).min()), "all held-out items"

@@ -12,10 +12,13 @@ Adding a command: its module, one line in `COMMANDS`, and its optional imports i
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import sys
 import warnings
+from collections.abc import Callable
+from typing import TextIO
 
 from . import __version__
 
@@ -67,9 +70,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings as the command's own lines: the user's "line" is the console script."""
-    print(f"clipedge: warning: {message}", file=sys.stderr)
+def _print_warning(
+    python_form: Callable[..., None],
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """clipedge's warnings (user and runtime ones) as the command's own lines: the "user's
+    line" they point at is the console script. Others keep Python's form, with their source."""
+    if issubclass(category, UserWarning | RuntimeWarning):
+        print(f"clipedge: warning: {message}", file=sys.stderr)
+    else:
+        python_form(message, category, filename, lineno, file, line)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser(_command(argv)).parse_args(argv)
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
         with warnings.catch_warnings():
-            warnings.showwarning = _print_warning
+            warnings.showwarning = functools.partial(_print_warning, warnings.showwarning)
             return args.handler(args)
     except ModuleNotFoundError as exc:
         extra = EXTRAS.get((exc.name or "").partition(".")[0])

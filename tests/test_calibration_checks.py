@@ -198,13 +198,23 @@ def test_search_returns_the_fewest_ranked_blocks_that_meet_the_target(tmp_path, 
     whole, *passes = held_out.runs
     assert whole == frozenset()
     assert all(fake.min_cosine_of(kept) >= target for kept in passes)
-    assert len(passes) <= 1 + steps
+    assert (1 if k else 0) <= len(passes) <= 1 + steps  # the chosen k was judged on all
     # Progress: one line per ranked unit with the time left, and the units kept float.
     ranked_lines = [line for line in lines if line.strip().startswith("ranked")]
     assert len(ranked_lines) == (len(DRIFT) if k else 0)
     assert all("left" in line for line in ranked_lines[:-1])
     if k:
         assert lines[-1] == f"kept float: {', '.join(RANKED[:k])}"
+
+
+def test_an_item_the_whole_tower_turns_to_nan_is_among_the_worst(tmp_path):
+    fake = FakeConversions()
+    held_out = FakeHeldOut(fake, offsets=[0.0, 0.001, 0.002, 0.003, 0.004, float("nan")])
+    chosen = []
+    subset = held_out.subset
+    held_out.subset = lambda items: chosen.extend(items) or subset(items)
+    search.search_fallback(fake.convert, fake.blocks, fake.others, held_out, 0.999, tmp_path / "g")
+    assert 5 in chosen and len(chosen) == search.RANKING_ITEMS
 
 
 def test_search_trials_leave_nothing_beside_the_graph_even_when_interrupted(tmp_path):

@@ -48,6 +48,10 @@ def _ops(graph: Path) -> Counter:
     return Counter(node.op_type for node in onnx.load(str(graph)).graph.node)
 
 
+def _weights(graph: Path) -> set[str]:
+    return {t.name for t in onnx.load(str(graph), load_external_data=False).graph.initializer}
+
+
 @pytest.fixture(scope="module")
 def quantized(tiny_bundle, feeds, tmp_path_factory) -> dict[tuple[str, str], Path]:
     out = tmp_path_factory.mktemp("int8")
@@ -154,9 +158,18 @@ def test_search_variants_are_derived_from_one_conversion(
     for label, keep in (("one", first), ("all-but-one", everything_but_first)):
         derived = convert(keep, tmp_path / f"{label}-derived.onnx")
         direct = quantize_cpu(src, tmp_path / f"{label}-direct.onnx", "dynamic", exclude_nodes=keep)
+        onnx.checker.check_model(str(derived))  # nodes in topological order, every input known
         assert _ops(derived) == _ops(direct)
+        assert _weights(derived) == _weights(direct)  # no dead quantisers or float weights
         np.testing.assert_array_equal(_run(derived, feeds[tower]), _run(direct, feeds[tower]))
     assert len(runs) == 1, "one onnxruntime conversion for every variant"
+    # A variant over protobuf's 2 GB (the full-size text tower's) keeps its weights apart.
+    monkeypatch.setattr(graph_io, "PROTOBUF_LIMIT", 0)
+    large = convert(first, tmp_path / "large.onnx")
+    assert (tmp_path / "large.onnx.data").stat().st_size > large.stat().st_size
+    np.testing.assert_array_equal(
+        _run(large, feeds[tower]), _run(tmp_path / "one-derived.onnx", feeds[tower])
+    )
     with pytest.raises(ValueError, match="not in the float graph"):
         convert(["no-such-node"], tmp_path / "bad.onnx")
 
