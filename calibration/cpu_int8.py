@@ -56,6 +56,7 @@ def weight_matmuls(path: Path) -> list[str]:
     ]
 
 
+@without_preprocessing_advice()
 def quantize_cpu(
     src: Path,
     dst: Path,
@@ -85,40 +86,38 @@ def quantize_cpu(
     excluded = list(exclude_nodes)
     external = needs_external_data(graph_bytes(src))
     if mode == "dynamic":
-        with without_preprocessing_advice():
-            quantize_dynamic(
-                src,
-                dst,
-                op_types_to_quantize=["MatMul", "Gather"],
-                per_channel=True,
-                weight_type=QuantType.QInt8,
-                nodes_to_exclude=excluded,
-                use_external_data_format=external,
-                extra_options={"MatMulConstBOnly": True},
-            )
+        quantize_dynamic(
+            src,
+            dst,
+            op_types_to_quantize=["MatMul", "Gather"],
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=excluded,
+            use_external_data_format=external,
+            extra_options={"MatMulConstBOnly": True},
+        )
         return dst
     if not feeds:
         raise ValueError(f"mode {mode!r} needs calibration feeds")
     weights = [name for name in weight_matmuls(src) if name not in set(excluded)]
-    with without_preprocessing_advice():
-        quantize_static(
-            src,
-            dst,
-            RowFeedReader(feeds),
-            quant_format=QuantFormat.QDQ if mode == "qdq_u8" else QuantFormat.QOperator,
-            op_types_to_quantize=["MatMul"],
-            nodes_to_quantize=weights,
-            nodes_to_exclude=excluded,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            use_external_data_format=external,
-            extra_options={
-                "MatMulConstBOnly": True,
-                # Float MatMul outputs: quantising them only adds error (the next op is float).
-                "OpTypesToExcludeOutputQuantization": ["MatMul"],
-                "CalibStridedMinMax": 1,
-            },
-        )
+    quantize_static(
+        src,
+        dst,
+        RowFeedReader(feeds),
+        quant_format=QuantFormat.QDQ if mode == "qdq_u8" else QuantFormat.QOperator,
+        op_types_to_quantize=["MatMul"],
+        nodes_to_quantize=weights,
+        nodes_to_exclude=excluded,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        use_external_data_format=external,
+        extra_options={
+            "MatMulConstBOnly": True,
+            # Float MatMul outputs: quantising them only adds error, the next op is float anyway.
+            "OpTypesToExcludeOutputQuantization": ["MatMul"],
+            "CalibStridedMinMax": 1,
+        },
+    )
     return dst

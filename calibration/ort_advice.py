@@ -4,7 +4,8 @@ onnxruntime's quantisers log "Please consider to run pre-processing before quant
 the root logger for every graph not passed through `quant_pre_process` (shape inference and
 graph optimisation). The converters deliberately skip it: the optimiser may fuse and rename
 nodes, and the block search and the accuracy report find nodes by their exported names. So
-that advice, and nothing else, is dropped while a quantiser runs.
+that advice, and nothing else, is dropped while a quantiser runs (a `with` block, or a
+decorator on the converter).
 """
 
 from __future__ import annotations
