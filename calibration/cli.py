@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from clipedge.errors import ClipEdgeError
 
 
 def add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -52,7 +53,7 @@ def calibrate(args: argparse.Namespace, bundle_dir: Path | None = None) -> int:
     from onnx.checker import ValidationError
 
     from .data import CalibrationSet
-    from .pipeline import calibrate_bundle, check_precisions
+    from .pipeline import BelowTargetError, CalibrationError, calibrate_bundle, check_precisions
 
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip() and p != "fp32"]
     targets = {p: args.target_cosine for p in precisions} if args.target_cosine else None
@@ -75,17 +76,16 @@ def calibrate(args: argparse.Namespace, bundle_dir: Path | None = None) -> int:
         )
     # ValidationError: onnx refusing a bundle's graph, e.g. a weights file with several hard
     # links (a `cp -al` copy of a bundle: make real copies of its .data files).
-    except (OSError, ValueError, RuntimeError, ValidationError) as exc:
-        print(f"clipedge calibration failed: {exc}", file=sys.stderr)
-        return 1
+    except ClipEdgeError:
+        raise
+    except (ValueError, RuntimeError, ValidationError) as exc:  # onnx's, NNCF's own errors
+        raise CalibrationError(str(exc)) from exc
     missed = [f"{r.tower} {r.precision}" for r in results if not r.passed]
     if missed and not args.allow_below_target:
-        print(
+        raise BelowTargetError(
             f"accuracy target missed for: {', '.join(missed)} (the graphs are in the bundle, "
-            "marked as failed; pass --allow-below-target to accept them)",
-            file=sys.stderr,
+            "marked as failed; pass --allow-below-target to accept them)"
         )
-        return 1
     return 0
 
 

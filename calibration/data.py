@@ -19,24 +19,24 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipedge.inputs.images import ImageInputError, load_image
+from clipedge.errors import ClipEdgeError, ImageInputError, SourceError
+from clipedge.inputs.images import load_image
 from clipedge.inputs.sources import (
     LIST_SUFFIXES,
-    SourceError,
     image_paths,
     image_records,
     text_records,
 )
 from clipedge.model import ClipEdgeModel
-from clipedge.stages import image_batches
-from clipedge.towers import tower_spec
+from clipedge.pipeline import batches
+from clipedge.towers import TEXT, VISION, Prepared, Tower, tower_spec
 
 from .feeds import Feed
 
 log = logging.getLogger(__name__)
 
 
-class CalibrationDataError(ValueError):
+class CalibrationDataError(ClipEdgeError, ValueError):
     """Calibration inputs are missing, empty or unreadable."""
 
 
@@ -161,9 +161,11 @@ class CalibrationSet:
 
     def items(self, tower: str, held_out: bool) -> list:
         """One tower's inputs: the calibration part or the held-out part."""
-        if tower == "text":
-            return self.held_out_texts if held_out else self.texts
-        return self.held_out_images if held_out else self.images
+        parts = {
+            TEXT.name: (self.texts, self.held_out_texts),
+            VISION.name: (self.images, self.held_out_images),
+        }
+        return parts[tower][held_out]
 
 
 def with_task_prompts(texts: Sequence[str], instructions: dict[str, str]) -> list[str]:
@@ -200,26 +202,31 @@ def text_feeds(
     """Graph inputs for texts, tokenised exactly as `encode_text` does: each text plain and
     with the query prompts, plus passages; batched by length as `encode_text` batches."""
     inputs = with_task_prompts(texts, model.manifest.task_instructions) + passages(texts)
-    prepared = model.prepare_texts(inputs, max_length=max_length)
-    if (error := prepared.first_error()) is not None:
-        raise CalibrationDataError(f"calibration text {error}")
-    for batch in model.text_batches(prepared, batch_size):
-        yield batch.feeds
+    tower = model.tower(TEXT.name)
+    yield from _feeds(tower, tower.prepare(inputs, max_length=max_length), batch_size)
 
 
 def image_feeds(
     model: ClipEdgeModel, images: Sequence[Path], batch_size: int = 4
 ) -> Iterator[Feed]:
     """Graph inputs for images, preprocessed exactly as `encode_image` does."""
+    tower = model.tower(VISION.name)
     for start in range(0, len(images), batch_size):
-        prepared = model.prepare_images(images[start : start + batch_size], start)
-        if (error := prepared.first_error()) is not None:
-            raise CalibrationDataError(f"calibration image {error}")
-        for batch in image_batches(prepared, batch_size):
-            yield batch.feeds
+        yield from _feeds(
+            tower, tower.prepare(images[start : start + batch_size], start), batch_size
+        )
 
 
-FEED_BUILDERS = {"text": text_feeds, "vision": image_feeds}
+def _feeds(tower: Tower, prepared: Prepared, batch_size: int) -> Iterator[Feed]:
+    """The pipeline's own batches of prepared calibration items; any bad item stops."""
+    if (error := prepared.first_error()) is not None:
+        raise CalibrationDataError(f"calibration {tower.spec.item_kind} {error}")
+    rows = [prepared.row(item) for item in range(len(prepared.errors))]
+    for batch in batches(tower, rows, prepared.valid, batch_size):
+        yield batch.feeds
+
+
+FEED_BUILDERS = {TEXT.name: text_feeds, VISION.name: image_feeds}
 
 
 def tower_feeds(

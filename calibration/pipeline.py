@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 
 import clipedge
-from clipedge.bundle.manifest import GraphEntry, Manifest, describe_files, read_manifest
+from clipedge.bundle.manifest import Accuracy, GraphEntry, Manifest, describe_files, read_manifest
+from clipedge.errors import ClipEdgeError
 from clipedge.model import ClipEdgeModel
 
 from .blocks import nodes_by_block
@@ -34,7 +35,6 @@ from .report import (
     graph_bytes,
     recall_at_k,
     timed_embeddings,
-    weights_file,
     write_report,
 )
 from .search import HeldOut, search_fallback
@@ -42,7 +42,11 @@ from .search import HeldOut, search_fallback
 log = logging.getLogger(__name__)
 
 
-class BelowTargetError(RuntimeError):
+class CalibrationError(ClipEdgeError, RuntimeError):
+    """Calibration could not finish (a converter or a graph failed)."""
+
+
+class BelowTargetError(CalibrationError):
     """A precision missed its accuracy target (and the caller did not allow that)."""
 
 
@@ -172,21 +176,19 @@ def _calibrate_towers(
             )
             results.append(accuracy)
             held_embeddings[(tower, precision)] = embeddings
-            data_file = weights_file(staging / graph_file)
             graphs[precision] = GraphEntry(
                 file=graph_file,
                 precision=precision,
-                external_data=data_file.name if data_file.exists() else None,
                 device=spec.device,
-                accuracy={
-                    "cosine_mean": accuracy.cosine_mean,
-                    "cosine_min": accuracy.cosine_min,
-                    "target_cosine": target,
-                    "passed": accuracy.passed,
-                    "method": spec.method(method),
-                    "fp32_blocks": accuracy.fp32_blocks,
-                    "overflow": accuracy.overflow,
-                },
+                accuracy=Accuracy(
+                    cosine_min=accuracy.cosine_min,
+                    cosine_mean=accuracy.cosine_mean,
+                    target=target,
+                    passed=accuracy.passed,
+                    method=spec.method(method),
+                    fp32_blocks=accuracy.fp32_blocks,
+                    overflow=accuracy.overflow,
+                ),
             )
             gc.collect()
         towers[tower] = replace(tower_manifest, graphs=graphs)

@@ -9,8 +9,16 @@ import onnx
 import torch
 
 from clipedge import __version__
-from clipedge.bundle.manifest import GraphEntry, Manifest, TensorSpec, TowerManifest, describe_files
-from clipedge.towers import tower_spec
+from clipedge.bundle.manifest import (
+    GraphEntry,
+    Manifest,
+    TensorSpec,
+    TextSettings,
+    TowerManifest,
+    VisionSettings,
+    describe_files,
+)
+from clipedge.towers import TEXT, tower_spec
 
 from .config import ClipConfig
 from .onnx_export import ExportedGraph
@@ -32,34 +40,26 @@ def copy_support_files(source: CheckpointSource, bundle_dir: Path) -> None:
 def _tower_manifest(graph: ExportedGraph, cfg: ClipConfig) -> TowerManifest:
     pooled = graph.output_names[0] != "last_hidden_state"
     dim = cfg.embed_dim
-    if graph.tower == "text":
+    settings: TextSettings | VisionSettings
+    if graph.tower == TEXT.name:
         inputs = [TensorSpec(n, "int64", ["batch", "sequence"]) for n in graph.input_names]
         token_shape: list[int | str] = ["batch", "sequence", dim]
-        extra = {
-            "tokenizer": TOKENIZER_FILE,
-            "pad_token_id": cfg.text.pad_token_id,
-            "default_max_length": DEFAULT_MAX_LENGTH,
-            "max_length": MAX_LENGTH,
-        }
+        settings = TextSettings(
+            TOKENIZER_FILE, cfg.text.pad_token_id, DEFAULT_MAX_LENGTH, MAX_LENGTH
+        )
     else:
         size = cfg.vision.image_size
         inputs = [TensorSpec("pixel_values", "float32", ["batch", 3, size, size])]
         token_shape = ["batch", cfg.vision.grid_size**2 + 1, dim]
-        extra = {"image_size": size, "preprocessor": PREPROCESSOR_FILE}
+        settings = VisionSettings(size, PREPROCESSOR_FILE)
     spec = tower_spec(graph.tower)
     shape = ["batch", dim] if pooled else token_shape
-    entry = GraphEntry(
-        file=graph.path.name,
-        precision="fp32",
-        external_data=graph.external_data.name if graph.external_data else None,
-    )
     return TowerManifest(
-        graphs={"fp32": entry},
+        graphs={"fp32": GraphEntry(file=graph.path.name, precision="fp32")},
         inputs=inputs,
         outputs=[TensorSpec(graph.output_names[0], "float32", shape)],
-        output="pooled" if pooled else "token_states",
         pooling=spec.pooling,
-        extra=extra,
+        settings=settings,
     )
 
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 
 from clipedge.calibration.cli import add_calibration_arguments, calibrate
+from clipedge.errors import ClipEdgeError
 
 from .opset import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, check_opset
 
 
 def export(args: argparse.Namespace) -> int:
-    from .pipeline import export_bundle
+    from .pipeline import ExportError, export_bundle
 
     towers = [t.strip() for t in args.towers.split(",") if t.strip()]
     try:
@@ -26,13 +26,13 @@ def export(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             report=lambda line: print(line, flush=True),
         )
-    except (OSError, ValueError, RuntimeError) as exc:
-        print(f"clipedge export failed: {exc}", file=sys.stderr)
-        return 1
+    except ClipEdgeError:
+        raise
+    except (ValueError, RuntimeError) as exc:  # torch's and onnx's own errors, in one line
+        raise ExportError(str(exc)) from exc
     if not result.ok:
         failed = [v.tower for v in result.verifications if not v.ok]
-        print(f"verification FAILED for: {', '.join(failed)}", file=sys.stderr)
-        return 1
+        raise ExportError(f"verification FAILED for: {', '.join(failed)}")
     print(f"bundle written to {result.bundle_dir}")
     if args.precisions:
         return calibrate(args, result.bundle_dir)

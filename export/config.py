@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from clipedge.errors import ClipEdgeError
+
 # jina-embeddings-v3 config.json values the clip config does not carry (model-facts 1.2).
 TEXT_BACKBONE_DEFAULTS: dict[str, Any] = {
     "vocab_size": 250002,
@@ -48,7 +50,7 @@ TEXT_BACKBONE_DEFAULTS: dict[str, Any] = {
 SUPPORTED_TEXT_BACKBONES = {"jinaai/jina-embeddings-v3", "jinaai/xlm-roberta-flash-implementation"}
 
 
-class UnsupportedCheckpointError(ValueError):
+class UnsupportedCheckpointError(ClipEdgeError, ValueError):
     """The checkpoint is not a jina-clip-v2 (for example jina-clip-v1) or uses unknown options."""
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from clipedge.towers import tower_spec
+from clipedge.towers import TEXT, VISION, tower_spec
 
 from .config import ClipConfig
 from .graph_check import GraphReport, check_graph
@@ -49,12 +49,22 @@ def tower_io(tower: str, pooled: bool) -> tuple[list[str], list[str]]:
     return list(spec.inputs), [spec.output_name(pooled)]
 
 
-def sample_inputs(tower: str, cfg: ClipConfig) -> tuple[torch.Tensor, ...]:
-    if tower == "text":
-        ids = torch.full((TRACE_BATCH, TRACE_LENGTH), 5, dtype=torch.int64)
-        return ids, torch.ones_like(ids)
+def _text_sample(cfg: ClipConfig) -> tuple[torch.Tensor, ...]:
+    ids = torch.full((TRACE_BATCH, TRACE_LENGTH), 5, dtype=torch.int64)
+    return ids, torch.ones_like(ids)
+
+
+def _vision_sample(cfg: ClipConfig) -> tuple[torch.Tensor, ...]:
     size = cfg.vision.image_size
     return (torch.zeros(TRACE_BATCH, 3, size, size),)
+
+
+SAMPLES = {TEXT.name: _text_sample, VISION.name: _vision_sample}
+
+
+def sample_inputs(tower: str, cfg: ClipConfig) -> tuple[torch.Tensor, ...]:
+    """Tracing inputs of one tower."""
+    return SAMPLES[tower](cfg)
 
 
 # Kept: the module scope of each node, which maps nodes to blocks for mixed precision.

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from clipedge.bundle.manifest import Manifest
+from clipedge.errors import ClipEdgeError
 
 from .bundle_writer import copy_support_files, write_manifest
 from .onnx_export import ExportedGraph, export_tower
@@ -21,7 +22,7 @@ from .weights import load_towers
 TOWERS = ("text", "vision")
 
 
-class ExportError(RuntimeError):
+class ExportError(ClipEdgeError, RuntimeError):
     """The export produced a graph that fails its TensorRT readiness check."""
 
 

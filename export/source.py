@@ -10,6 +10,7 @@ from typing import Any
 from safetensors import safe_open
 
 from clipedge.bundle.manifest import sha256_file
+from clipedge.errors import ClipEdgeError
 
 from .config import ClipConfig, parse_config
 from .weights import TensorStore
@@ -19,7 +20,7 @@ REQUIRED_FILES = ("config.json", WEIGHTS_FILE, "tokenizer.json", "preprocessor_c
 OPTIONAL_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
 
-class SourceError(RuntimeError):
+class CheckpointSourceError(ClipEdgeError, RuntimeError):
     """The checkpoint could not be found, downloaded or read."""
 
 
@@ -44,7 +45,7 @@ def resolve_source(source: str, revision: str | None = None) -> CheckpointSource
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise SourceError(f"{path} is not a directory in the Hugging Face layout")
+            raise CheckpointSourceError(f"{path} is not a directory in the Hugging Face layout")
         # The folder's name, not the exporting machine's path; the hashes identify it.
         origin = {"kind": "local", "name": path.resolve().name}
         directory = path
@@ -52,7 +53,7 @@ def resolve_source(source: str, revision: str | None = None) -> CheckpointSource
         directory, origin = _download(source, revision)
     missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
     if missing:
-        raise SourceError(f"{directory} lacks {', '.join(missing)}")
+        raise CheckpointSourceError(f"{directory} lacks {', '.join(missing)}")
     raw = json.loads((directory / "config.json").read_text())
     # What was exported, by content: the architecture and the weights.
     origin["config_sha256"] = sha256_file(directory / "config.json")
@@ -65,13 +66,15 @@ def _download(repo_id: str, revision: str | None) -> tuple[Path, dict[str, Any]]
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     if repo_id.count("/") != 1:
-        raise SourceError(f"{repo_id!r} is neither an existing directory nor a hub id (owner/name)")
+        raise CheckpointSourceError(
+            f"{repo_id!r} is neither an existing directory nor a hub id (owner/name)"
+        )
     try:
         directory = snapshot_download(
             repo_id, revision=revision, allow_patterns=[*REQUIRED_FILES, *OPTIONAL_FILES]
         )
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        raise SourceError(
+        raise CheckpointSourceError(
             f"could not download {repo_id!r} from the Hugging Face hub ({exc.__class__.__name__}: "
             f"{exc}). Without network access, download the checkpoint elsewhere and pass its "
             "local directory instead"

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import torch
 
 from clipedge.postprocess import pool, truncate_and_normalize
-from clipedge.towers import tower_spec
+from clipedge.towers import TEXT, VISION, tower_spec
 
 from .config import ClipConfig
 from .onnx_export import ExportedGraph
@@ -31,20 +31,30 @@ class Verification:
         return self.min_cosine >= MIN_COSINE and self.max_abs_normalised <= MAX_ABS_NORMALISED
 
 
-def verification_inputs(tower: str, cfg: ClipConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """Deterministic inputs: texts of different lengths with padding, random-pixel images."""
-    rng = np.random.default_rng(seed)
-    if tower == "text":
-        lengths = [3, 17, 40]
-        ids = np.full((len(lengths), max(lengths)), cfg.text.pad_token_id, dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for row, length in enumerate(lengths):
-            ids[row, :length] = rng.integers(3, cfg.text.vocab_size, length)
-            ids[row, 0], ids[row, length - 1] = 0, 2
-            mask[row, :length] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+def _text_inputs(cfg: ClipConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Texts of different lengths, padded."""
+    lengths = [3, 17, 40]
+    ids = np.full((len(lengths), max(lengths)), cfg.text.pad_token_id, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = rng.integers(3, cfg.text.vocab_size, length)
+        ids[row, 0], ids[row, length - 1] = 0, 2
+        mask[row, :length] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _vision_inputs(cfg: ClipConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random-pixel images."""
     size = cfg.vision.image_size
     return {"pixel_values": rng.standard_normal((2, 3, size, size)).astype(np.float32)}
+
+
+INPUTS = {TEXT.name: _text_inputs, VISION.name: _vision_inputs}
+
+
+def verification_inputs(tower: str, cfg: ClipConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """Deterministic inputs for one tower."""
+    return INPUTS[tower](cfg, np.random.default_rng(seed))
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:

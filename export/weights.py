@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from clipedge.errors import ClipEdgeError
+
 from .config import ClipConfig, TextConfig, VisionConfig
 from .rope import interleaved_to_half_split
 from .text_tower import TextTower
@@ -23,7 +25,7 @@ VISION_PREFIX = "vision_model."
 KNOWN_UNUSED = frozenset({"logit_scale"})
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ClipEdgeError, ValueError):
     """The checkpoint's tensors do not match the jina-clip-v2 architecture of its config."""
 
 

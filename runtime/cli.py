@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from . import __version__
+from .errors import ClipEdgeError, OptionError
 
 # Subcommand -> the module that defines it.
 COMMANDS: dict[str, str] = {
@@ -88,9 +89,13 @@ def _print_warning(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand. Every error a user can cause is one line on stderr,
+    `clipedge <command>: error: ...`: exit 2 for a bad option or usage, 1 for a failure."""
     argv = sys.argv[1:] if argv is None else argv
+    command = _command(argv)
+    prefix = f"clipedge {command}" if command in COMMANDS else "clipedge"
     try:
-        args = build_parser(_command(argv)).parse_args(argv)
+        args = build_parser(command).parse_args(argv)
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
         with warnings.catch_warnings():
             warnings.showwarning = functools.partial(_print_warning, warnings.showwarning)
@@ -100,11 +105,20 @@ def main(argv: list[str] | None = None) -> int:
         if extra is None:
             raise
         print(
-            f"clipedge: {exc.name} is not installed; it comes with the {extra} extra: "
+            f"{prefix}: error: {exc.name} is not installed; it comes with the {extra} extra: "
             f"pip install 'clipedge[{extra}]'",
             file=sys.stderr,
         )
         return 2
+    except OptionError as exc:
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
+        return 2
+    except (ClipEdgeError, OSError) as exc:
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

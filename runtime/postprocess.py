@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import OptionError
 from .user_warnings import warn
 
 # torch.nn.functional.normalize's default eps: a zero vector stays zero instead of becoming NaN.
@@ -74,10 +75,10 @@ def check_truncate_dim(
     if truncate_dim is None:
         return None
     if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int | np.integer):
-        raise ValueError(f"{option} must be an int, got {type(truncate_dim).__name__}")
+        raise OptionError(f"{option} must be an int, got {type(truncate_dim).__name__}")
     truncate_dim = int(truncate_dim)
     if not 1 <= truncate_dim <= embed_dim:
-        raise ValueError(f"{option} must be in [1, {embed_dim}], got {truncate_dim}")
+        raise OptionError(f"{option} must be in [1, {embed_dim}], got {truncate_dim}")
     if trained_dims and truncate_dim not in trained_dims:
         warn(
             f"{option}={truncate_dim} is not one of the trained Matryoshka dimensions "

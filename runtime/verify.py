@@ -16,7 +16,6 @@ synthetic images (seeded gradients and noise) through the bundle's own preproces
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import logging
 import warnings
@@ -28,6 +27,8 @@ from typing import Any
 import numpy as np
 
 from .bundle.manifest import Manifest, read_manifest
+from .pipeline import Pipeline
+from .towers import TEXT, VISION
 
 log = logging.getLogger(__name__)
 
@@ -153,47 +154,24 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 class _Embedder:
-    """Runs one tower through any session with the reference model's stages."""
+    """Runs one tower's fixed inputs through any session with the model's one pipeline."""
 
-    def __init__(self, reference: Any, tower: str, texts: list[str], images: list[np.ndarray]):
-        self.reference, self.tower = reference, tower
+    def __init__(self, reference: Any, tower: str, inputs: list[Any]):
+        self.reference, self.tower = reference, reference.tower(tower)
         self.options = reference.finish_options(None, True)
-        if tower == "text":
-            self.prepared = reference.prepare_texts(texts, None, 512)
-        else:
-            self.prepared = reference.prepare_images(images)
-        self.count = len(texts) if tower == "text" else len(images)
+        prepared = self.tower.prepare(inputs)
+        if (error := prepared.first_error()) is not None:
+            raise error
+        self.rows = [prepared.row(item) for item in range(len(inputs))]
+        self.count = len(inputs)
 
     def embed(self, session: Any, items: list[int], batch_size: int) -> np.ndarray:
         """Vectors of `items` (indices into the prepared inputs, repeats allowed), in order."""
-        ref = self.reference
-        result = np.empty((len(items), ref.manifest.embed_dim), np.float32)
-        subset = dataclasses.replace(
-            self.prepared,
-            **{
-                f.name: _take(getattr(self.prepared, f.name), items, self.count)
-                for f in dataclasses.fields(self.prepared)
-                if f.init
-            },
-        )
-        if self.tower == "text":
-            batches = ref.text_batches(subset, batch_size)
-        else:
-            from .stages import image_batches
-
-            batches = image_batches(subset, batch_size, 0)
-        for batch in batches:
-            output = session.run(batch.feeds)
-            result[batch.items] = ref.finish(self.tower, batch, output, self.options)
-        return result
-
-
-def _take(value: Any, items: list[int], count: int) -> Any:
-    if isinstance(value, np.ndarray) and value.shape[:1] == (count,):
-        return value[items]
-    if isinstance(value, list) and len(value) == count:
-        return [value[i] for i in items]
-    return value
+        pipeline = Pipeline(self.tower, session, self.reference.manifest.embed_dim)
+        embedded = pipeline.run_rows([self.rows[i] for i in items], batch_size, self.options)
+        if (error := embedded.first_error()) is not None:
+            raise error
+        return embedded.vectors
 
 
 def _open(bundle: Path, manifest: Manifest, candidate: Candidate) -> Any:
@@ -225,7 +203,8 @@ def verify_bundle(
     embedders: dict[str, _Embedder] = {}
     truth: dict[str, np.ndarray] = {}
     for tower in manifest.towers:
-        embedders[tower] = _Embedder(reference, tower, texts, images)
+        inputs = {TEXT.name: texts, VISION.name: images}[tower]
+        embedders[tower] = _Embedder(reference, tower, inputs)
         every = list(range(embedders[tower].count))
         truth[tower] = embedders[tower].embed(reference.session(tower), every, batch_size)
     for candidate in candidates(manifest):
@@ -257,8 +236,8 @@ def verify_bundle(
                 level = "fp16"  # OpenVINO runs fp32 graphs in bf16 where the CPU has it
             accuracy = ACCURACY.get(level, 0.99)
             entry = manifest.towers[candidate.tower].graphs[candidate.precision]
-            if entry.accuracy and "target" in entry.accuracy:
-                accuracy = min(accuracy, float(entry.accuracy["target"]))
+            if entry.accuracy is not None:  # the target the graph was calibrated for
+                accuracy = min(accuracy, entry.accuracy.target)
             invariance = INVARIANCE.get(level, 0.999)
             checks = {
                 f"cosine {result.cosine_min:.5f} < {accuracy}": result.cosine_min >= accuracy,
@@ -279,8 +258,16 @@ def verify_bundle(
             result.notes = [result.error]
         results.append(result)
     reference.close()
+    report(provenance(bundle, manifest))
     report(format_results(results))
     return results
+
+
+def provenance(bundle: Path, manifest: Manifest) -> str:
+    """Where the bundle came from: the checkpoint and the exporting tools' versions."""
+    source = ", ".join(f"{k}={v}" for k, v in manifest.source.items()) or "unknown"
+    tools = ", ".join(f"{k} {v}" for k, v in manifest.versions.items()) or "unknown"
+    return f"bundle {bundle}: from {source}; exported with {tools}"
 
 
 def format_results(results: list[TowerResult]) -> str:

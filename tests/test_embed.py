@@ -19,6 +19,7 @@ pq = pytest.importorskip("pyarrow.parquet", reason="the batch tool needs the bat
 
 import clipedge  # noqa: E402
 from clipedge.embed.job import EmbedError, EmbedJob, embed  # noqa: E402
+from clipedge.options import Options  # noqa: E402
 
 from conftest import EXPECTED  # noqa: E402
 
@@ -233,8 +234,7 @@ def test_sigkill_then_resume_gives_exactly_one_row_per_input(tiny_bundle, tmp_pa
             shard_size=4,
             workers=1,
             batch_size=4,
-            allow_urls=True,
-            allow_private_urls=True,
+            options=Options(allow_urls=True, allow_private_urls=True),
         )
         summary = embed(job, progress=False)
         assert summary.skipped == 4 * len(finished)

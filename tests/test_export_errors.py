@@ -22,7 +22,7 @@ from clipedge.export.config import (  # noqa: E402
 )
 from clipedge.export.opset import MAX_OPSET  # noqa: E402
 from clipedge.export.pipeline import export_bundle  # noqa: E402
-from clipedge.export.source import SourceError, resolve_source  # noqa: E402
+from clipedge.export.source import CheckpointSourceError, resolve_source  # noqa: E402
 from clipedge.export.weights import CheckpointError, load_towers  # noqa: E402
 
 from conftest import CHECKPOINT, EXPECTED  # noqa: E402
@@ -119,14 +119,14 @@ def test_bf16_checkpoint_loads_as_float32(tmp_path):
 def test_hub_id_offline_says_to_pass_a_directory(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with pytest.raises(SourceError, match="pass its local directory"):
+    with pytest.raises(CheckpointSourceError, match="pass its local directory"):
         resolve_source("jinaai/jina-clip-v2")
 
 
 def test_incomplete_directory_lists_missing_files(tmp_path):
     directory = copy_checkpoint(tmp_path)
     (directory / "tokenizer.json").unlink()
-    with pytest.raises(SourceError, match="tokenizer.json"):
+    with pytest.raises(CheckpointSourceError, match="tokenizer.json"):
         resolve_source(str(directory))
 
 

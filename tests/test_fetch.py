@@ -22,9 +22,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from clipedge.errors import ImageInputError, OptionError
 from clipedge.inputs import fetch
 from clipedge.inputs.fetch import UrlPolicy, fetch_url
-from clipedge.inputs.images import ImageInputError, load_image
+from clipedge.inputs.images import load_image
+from clipedge.options import Options
 
 INPUTS = Path(__file__).parent / "fixtures" / "jina-clip-v2-tiny" / "expected" / "inputs"
 PAYLOAD = (INPUTS / "img0_rgb_97x61.png").read_bytes()
@@ -132,7 +134,8 @@ def network(monkeypatch) -> dict[str, list]:
 def test_fetch_from_a_local_server(port, network):
     assert fetch_url(f"http://127.0.0.1:{port}/img.png", 0, LOCAL) == PAYLOAD
     assert network["connects"] == ["127.0.0.1"]
-    image = load_image(f"http://127.0.0.1:{port}/img.png", 0, url_policy=LOCAL)
+    options = Options(allow_urls=True, allow_private_urls=True, url_timeout=5.0)
+    image = load_image(f"http://127.0.0.1:{port}/img.png", 0, options)
     assert image.size == (97, 61)
 
 
@@ -264,11 +267,17 @@ def test_http_errors_name_the_item(port):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"timeout": 0}, {"timeout": float("inf")}, {"max_bytes": 0}, {"max_bytes": 1.5}]
+    "kwargs",
+    [
+        {"url_timeout": 0},
+        {"url_timeout": float("inf")},
+        {"max_url_bytes": 0},
+        {"max_url_bytes": 1.5},
+    ],
 )
 def test_policy_validation(kwargs):
-    with pytest.raises(ValueError, match="url"):
-        UrlPolicy(**kwargs)
+    with pytest.raises(OptionError, match=next(iter(kwargs))):
+        Options(**kwargs)
 
 
 @pytest.fixture(scope="module")

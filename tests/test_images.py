@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from clipedge.errors import OptionError
 from clipedge.inputs import images as images_module
-from clipedge.inputs.fetch import UrlPolicy
 from clipedge.inputs.images import (
     PILLOW_BLOCKS_CACHED,
     ImageInputError,
@@ -31,6 +31,7 @@ from clipedge.inputs.images import (
     preprocess_images,
     preprocess_images_collect,
 )
+from clipedge.options import Options
 
 FIXTURE = Path(__file__).parent / "fixtures" / "jina-clip-v2-tiny"
 EXPECTED = FIXTURE / "expected"
@@ -243,19 +244,21 @@ def test_strips_cost_about_what_a_square_costs():
 
 def test_max_pixels_none_means_no_clipedge_limit(monkeypatch):
     data = IMAGE_FILES[3].read_bytes()
-    assert load_image(data, 0, max_pixels=None).size == (1024, 768)
-    assert load_image(np.zeros((5, 7, 3), np.uint8), 0, max_pixels=None).size == (7, 5)
+    assert load_image(data, 0, Options(max_image_pixels=None)).size == (1024, 768)
+    assert load_image(np.zeros((5, 7, 3), np.uint8), 0, Options(max_image_pixels=None)).size == (
+        7,
+        5,
+    )
     # Pillow's decompression-bomb guard still applies.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(ImageInputError, match="item 2: image too large"):
-        load_image(data, 2, max_pixels=None)
+        load_image(data, 2, Options(max_image_pixels=None))
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "100", True])
 def test_bad_max_pixels_is_a_value_error(bad):
-    with pytest.raises(ValueError, match="max_pixels must be a positive int or None") as info:
-        load_image(IMAGE_FILES[0].read_bytes(), 0, max_pixels=bad)
-    assert not isinstance(info.value, ImageInputError)
+    with pytest.raises(OptionError, match="max_image_pixels must be an int >= 1 or None"):
+        Options(max_image_pixels=bad)
 
 
 def test_memory_errors_become_image_input_errors(preprocessor, monkeypatch):
@@ -363,17 +366,17 @@ def test_collect_reports_each_bad_item_and_keeps_good_rows(preprocessor, tmp_pat
 def test_too_many_pixels_is_refused_from_the_header():
     header_only = png_with_header_size(100, 100)
     with pytest.raises(ImageInputError, match="item 0: image too large: 100x100"):
-        load_image(header_only, 0, max_pixels=9_999)
+        load_image(header_only, 0, Options(max_image_pixels=9_999))
     with pytest.raises(ImageInputError, match="corrupt or truncated"):
-        load_image(header_only, 0, max_pixels=10_000)
+        load_image(header_only, 0, Options(max_image_pixels=10_000))
 
 
 @pytest.mark.parametrize("kind", ["path", "pil", "numpy"])
 def test_too_many_pixels_for_every_input_kind(kind):
     item = INPUT_KINDS[kind](IMAGE_FILES[3])
     with pytest.raises(ImageInputError, match="item 5: image too large: 1024x768"):
-        load_image(item, 5, max_pixels=1024 * 768 - 1)
-    assert load_image(item, 5, max_pixels=1024 * 768).size == (1024, 768)
+        load_image(item, 5, Options(max_image_pixels=1024 * 768 - 1))
+    assert load_image(item, 5, Options(max_image_pixels=1024 * 768)).size == (1024, 768)
 
 
 def test_pillow_bomb_limit_becomes_image_input_error(monkeypatch):
@@ -409,15 +412,15 @@ def http_server() -> Iterator[str]:
 
 
 def test_urls_when_allowed(http_server, preprocessor):
-    policy = UrlPolicy(allow_urls=True, allow_private=True, timeout=5.0)
-    load = functools.partial(load_image, url_policy=policy)
+    options = Options(allow_urls=True, allow_private_urls=True, url_timeout=5.0)
+    load = functools.partial(load_image, options=options)
     pixels = preprocess_images([f"{http_server}/img.png"], preprocessor, load=load)
     np.testing.assert_array_equal(pixels[0], PIXEL_VALUES[0])
     with pytest.raises(ImageInputError, match="item 3: cannot fetch .*404"):
         load(f"{http_server}/nothing.png", 3)
-    small = UrlPolicy(allow_urls=True, allow_private=True, max_bytes=100)
+    small = Options(allow_urls=True, allow_private_urls=True, max_url_bytes=100)
     with pytest.raises(ImageInputError, match="item 4: .*URL body exceeds max_url_bytes=100"):
-        load_image(f"{http_server}/img.png", 4, url_policy=small)
+        load_image(f"{http_server}/img.png", 4, small)
 
 
 def test_config_validation():

@@ -133,7 +133,8 @@ def test_long_text_keeps_cosine_with_float_attention(quantized, tiny_bundle, ref
     """int8 softmax probabilities over 512 keys drifted to cosine 0.98975 (0.99996 float)."""
     model = clipedge.load(tiny_bundle, backend="cpu")
     long_text = max(reference["texts"], key=len)
-    feeds = next(model.text_batches(model.prepare_texts([long_text]), 1)).feeds
+    tower = model.tower("text")
+    feeds = tower.feeds([tower.prepare([long_text]).row(0)])
     assert feeds["input_ids"].shape[1] == 512
     feed = [feeds]
     fp32 = pooled_embeddings(cpu_session(tiny_bundle / "text.onnx"), "text", feed)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from clipedge.bundle.manifest import BundleError, GraphEntry
+from clipedge.bundle.manifest import Accuracy, BundleError, GraphEntry
 from clipedge.engine.plan import choose_precision, prefers_openvino
+
+PASSED = Accuracy(cosine_min=0.999, cosine_mean=0.9995, target=0.99, passed=True)
+FAILED = Accuracy(cosine_min=0.98, cosine_mean=0.985, target=0.99, passed=False)
 
 GRAPHS = {
     "fp32": GraphEntry("text.onnx", "fp32"),
-    "fp16": GraphEntry("text.fp16.onnx", "fp16", device="gpu", accuracy={"passed": True}),
-    "int8": GraphEntry("text.int8.onnx", "int8", device="gpu", accuracy={"passed": False}),
-    "int8-cpu": GraphEntry("t.i8c.onnx", "int8-cpu", device="cpu", accuracy={"passed": True}),
+    "fp16": GraphEntry("text.fp16.onnx", "fp16", device="gpu", accuracy=PASSED),
+    "int8": GraphEntry("text.int8.onnx", "int8", device="gpu", accuracy=FAILED),
+    "int8-cpu": GraphEntry("t.i8c.onnx", "int8-cpu", device="cpu", accuracy=PASSED),
 }
 
 
@@ -37,7 +40,7 @@ def test_missing_precision_lists_available():
 OV = {
     "fp32": GRAPHS["fp32"],
     "int8-cpu": GRAPHS["int8-cpu"],
-    "int8-ov": GraphEntry("t.xml", "int8-ov", "t.bin", "openvino", {"passed": True}),
+    "int8-ov": GraphEntry("t.xml", "int8-ov", "openvino", PASSED),
 }
 
 
@@ -50,7 +53,7 @@ def test_openvino_ir_graphs_only_go_to_openvino():
 
 
 def test_openvino_is_preferred_only_when_every_tower_has_a_passing_int8_ov_graph():
-    failed = {**OV, "int8-ov": GraphEntry("x.xml", "int8-ov", None, "openvino", {"passed": False})}
+    failed = {**OV, "int8-ov": GraphEntry("x.xml", "int8-ov", "openvino", FAILED)}
     assert prefers_openvino([OV, OV])
     assert not prefers_openvino([OV, GRAPHS])
     assert not prefers_openvino([OV, failed])

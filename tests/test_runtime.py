@@ -59,9 +59,8 @@ def test_encode_text_single_string_gives_vector(model, reference):
 
 
 def test_token_ids_equal_official(model, reference):
-    prepared = model.prepare_texts(reference["texts"])
+    prepared = model.tower("text").prepare(reference["texts"])
     assert prepared.token_ids == reference["token_ids_default"]
-    assert prepared.token_counts == [len(ids) for ids in reference["token_ids_default"]]
 
 
 @pytest.mark.parametrize(
@@ -78,7 +77,7 @@ def test_encode_image_matches_official(model, image_files, kwargs, name):
 
 
 def test_pixel_tensors_match_official(model, image_files):
-    pixels = model.prepare_images(image_files).pixels
+    pixels = model.tower("vision").prepare(image_files).pixels
     assert np.abs(pixels - expected("image_pixel_values.npy")).max() <= 1e-6
 
 
@@ -246,7 +245,7 @@ def test_not_a_bundle(tmp_path):
 def test_text_only_bundle_never_loads_vision(tiny_bundle, tmp_path):
     model = clipedge.load(tiny_bundle, backend="cpu")
     model.encode_text("a")
-    assert list(model._sessions) == ["text"]
+    assert list(model._pipelines) == ["text"]
 
 
 def _flip_weight_exponents(graph: Path) -> None:
@@ -316,28 +315,27 @@ def test_numpy_integer_options_are_accepted(model, reference):
 
 
 def test_per_item_errors_keep_the_other_items(model, reference, image_files):
-    prepared = model.prepare_texts(["a", None, "b\ud800", "c"])
+    prepared = model.tower("text").prepare(["a", None, "b\ud800", "c"])
     assert [e is None for e in prepared.errors] == [True, False, False, True]
     assert prepared.token_ids[1] is None and prepared.token_ids[3] is not None
-    images = model.prepare_images([image_files[0], b"junk", image_files[1]])
+    images = model.tower("vision").prepare([image_files[0], b"junk", image_files[1]])
     assert [e is None for e in images.errors] == [True, False, True]
     assert images.errors[1].index == 1 and images.sizes[0] == (97, 61)
     np.testing.assert_array_equal(images.pixels[1], 0.0)
-    # The stages compose to what encode_image returns, the bad item left out.
+    # The pipeline gives what encode_image returns, the bad item keeping its error.
     options = model.finish_options(None, True)
-    batches = list(model.image_batches(images, batch_size=1))
-    assert [b.items for b in batches] == [[0], [2]]
-    vectors = [model.finish("vision", b, model.run("vision", b), options) for b in batches]
+    embedded = model.pipeline("vision").embed(images, 1, options)
+    assert embedded.errors[1] is images.errors[1] and embedded.first_error() is images.errors[1]
     want = model.encode_image([image_files[0], image_files[1]])
-    np.testing.assert_allclose(np.concatenate(vectors), want, atol=1e-6)
+    np.testing.assert_allclose(embedded.vectors[[0, 2]], want, atol=1e-6)
 
 
 def test_manifest_tower_keys_are_checked(tiny_bundle, tmp_path):
     bundle = copy_bundle(tiny_bundle, tmp_path)
     manifest = json.loads((bundle / "clipedge.json").read_text())
-    del manifest["towers"]["text"]["pad_token_id"]
+    del manifest["towers"]["text"]["settings"]["pad_token_id"]
     (bundle / "clipedge.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="the text tower lacks pad_token_id"):
+    with pytest.raises(BundleError, match="pad_token_id"):
         clipedge.load(bundle)
     manifest["towers"]["audio"] = manifest["towers"].pop("text")
     (bundle / "clipedge.json").write_text(json.dumps(manifest))
@@ -355,8 +353,10 @@ def test_pooling_follows_the_manifest(tiny_token_states_bundle, tmp_path, refere
     (bundle / "clipedge.json").write_text(json.dumps(manifest))
     model = clipedge.load(bundle, backend="cpu")
     texts = reference["texts"]
-    batch = next(model.text_batches(model.prepare_texts(texts), len(texts)))
-    states = model.run("text", batch)
+    pipeline = model.pipeline("text")
+    prepared = model.tower("text").prepare(texts)
+    batch = next(pipeline.batches(prepared.token_ids, prepared.valid, len(texts)))
+    states = pipeline.session.run(batch.feeds)
     first = states[:, 0] / np.linalg.norm(states[:, 0], axis=1, keepdims=True)
     out = model.encode_text(texts)
     np.testing.assert_allclose(out[batch.items], first, atol=1e-6)

@@ -28,6 +28,9 @@ import uvicorn  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import clipedge  # noqa: E402
+from clipedge.engine.session import EngineLimits  # noqa: E402
+from clipedge.options import Options  # noqa: E402
+from clipedge.pipeline import Pipeline  # noqa: E402
 from clipedge.serve.app import create_app  # noqa: E402
 from clipedge.serve.settings import ServeSettings  # noqa: E402
 
@@ -121,15 +124,12 @@ def base(tiny_bundle) -> Iterator[str]:
     settings = ServeSettings(
         str(tiny_bundle),
         port=free_port(),
-        allow_urls=True,
-        allow_private_urls=True,
-        url_timeout=3.0,
         request_timeout=20,
         max_batch_size=8,
         max_inputs=64,
         max_text_chars=20_000,
         max_body_bytes=2_000_000,
-        max_length=512,
+        options=Options(allow_urls=True, allow_private_urls=True, url_timeout=3.0),
     )
     yield from start_ready(settings)
 
@@ -140,9 +140,10 @@ def guarded(tiny_bundle) -> Iterator[str]:
     settings = ServeSettings(
         str(tiny_bundle),
         port=free_port(),
-        allow_urls=True,
         api_key="s3cret",
         max_queue=4,
+        max_inputs=4,
+        options=Options(allow_urls=True),
     )
     yield from start_ready(settings)
 
@@ -180,7 +181,7 @@ def test_the_release_notes_request(base, images, model):
     body = response.json()
     assert body["object"] == "list" and body["model"] == "jina-clip-v2"
     assert [row["index"] for row in body["data"]] == [0, 1]
-    text_tokens = len(model.prepare_texts(["Bridge close-shot"]).token_ids[0])
+    text_tokens = len(model.tower("text").prepare(["Bridge close-shot"]).row(0))
     assert body["usage"] == {
         "total_tokens": text_tokens + 4 * 4000,
         "prompt_tokens": text_tokens + 16000,
@@ -200,7 +201,7 @@ def test_the_official_openai_client(base, model):
 
 def test_every_input_form_and_encoding(base, images, model):
     data_uri = "data:image/png;base64," + base64.b64encode(PNG).decode()
-    ids = model.prepare_texts(["token ids"]).token_ids[0]
+    ids = model.tower("text").prepare(["token ids"]).row(0)
     inputs = [
         "plain",
         {"text": "object"},
@@ -402,9 +403,9 @@ def test_serve_refuses_a_bad_bundle_before_listening(
 
     paths = {"missing": tmp_path / "no-bundle", "bundle": tiny_bundle}
     argv = ["serve", *(a.format(**paths) for a in arguments), "--port", str(free_port())]
-    assert main(argv) == 2  # returned at once: uvicorn never started
+    assert main(argv) == 1  # returned at once: uvicorn never started
     err = capsys.readouterr().err
-    assert err.startswith("clipedge serve: ") and reason in err
+    assert err.startswith("clipedge serve: error: ") and reason in err
 
 
 def test_bounded_load_mixed_and_bad(base, images, model):
@@ -473,54 +474,58 @@ def test_sigterm_finishes_requests_in_flight(tiny_bundle, images):
         process.wait()
 
 
-class FakeModel:
-    """Just enough of a model for the batcher: `run` fails on a poisoned row, or sleeps."""
+class FakeSession:
+    """An engine that fails on a poisoned row, or sleeps; returns each row's first id."""
+
+    provider = "fake"
+    limits = EngineLimits()
 
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay
         self.batches: list[int] = []
-        self.manifest = type(
-            "M", (), {"towers": {"text": type("T", (), {"extra": {"pad_token_id": 1}})}}
-        )
 
-    def run(self, tower, batch):
+    def run(self, feeds):
         time.sleep(self.delay)
-        self.batches.append(len(batch.items))
-        if (batch.feeds["input_ids"] == 666).any():
+        self.batches.append(len(feeds["input_ids"]))
+        if (feeds["input_ids"] == 666).any():
             raise RuntimeError("poisoned row")
-        return batch.feeds["input_ids"][:, :1].astype(np.float32)
+        return feeds["input_ids"][:, :1].astype(np.float32)
 
-    def finish(self, tower, batch, output, options):
-        return output
+    def close(self) -> None:
+        pass
 
 
-def test_a_failing_batch_is_retried_item_by_item():
+def fake_pipeline(model, delay: float = 0.0) -> Pipeline:
+    return Pipeline(model.tower("text"), FakeSession(delay), embed_dim=1)
+
+
+def test_a_failing_batch_is_retried_item_by_item(model):
     from clipedge.serve.batcher import TowerBatcher
 
-    model = FakeModel(delay=0.05)
-    batcher = TowerBatcher(model, "text", max_batch=8, max_wait_s=0.02, max_queue=16)
+    pipeline = fake_pipeline(model, delay=0.05)
+    batcher = TowerBatcher(pipeline, max_batch=8, max_wait_s=0.02, max_queue=16)
     futures = batcher.submit([[5], [666], [7]])
     assert futures[0].result(5)[0] == 5 and futures[2].result(5)[0] == 7
-    with pytest.raises(RuntimeError, match="poisoned"):
+    with pytest.raises(clipedge.BackendError, match="poisoned"):
         futures[1].result(5)
-    assert model.batches[0] == 3 and sorted(model.batches[1:]) == [1, 1, 1]
+    batches = pipeline.session.batches
+    assert batches[0] == 3 and sorted(batches[1:]) == [1, 1, 1]
     batcher.close()
 
 
-def test_request_timeout_is_a_504_and_cancels_its_items(tiny_bundle):
+def test_request_timeout_is_a_504_and_cancels_its_items(tiny_bundle, model):
     import asyncio
 
-    from clipedge.serve.app import Service
     from clipedge.serve.batcher import TowerBatcher
     from clipedge.serve.errors import ApiError
     from clipedge.serve.metrics import Metrics
     from clipedge.serve.requests import parse_request
+    from clipedge.serve.service import Service
 
     settings = ServeSettings(str(tiny_bundle), request_timeout=0.2)
     service = Service(settings, Metrics())
-    service.model = clipedge.load(tiny_bundle, backend="cpu")
-    slow = FakeModel(delay=1.0)
-    service.batchers = {"text": TowerBatcher(slow, "text", 8, 0.0, 16)}
+    service.model = model
+    service.batchers = {"text": TowerBatcher(fake_pipeline(model, delay=1.0), 8, 0.0, 16)}
     service.ready = True
     request = parse_request({"input": ["a", "b"]}, settings, 64, {})
     with pytest.raises(ApiError) as error:

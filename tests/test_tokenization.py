@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipedge.inputs.errors import TextInputError
+from clipedge.errors import TextInputError
 from clipedge.inputs.text import TextTokenizer, apply_instruction, as_text_list, check_text
-from clipedge.stages.batch import check_batch_size, length_sorted, text_feeds
+from clipedge.pipeline import check_batch_size
+from clipedge.towers.text import text_feeds
 
 FIXTURE = Path(__file__).parent / "fixtures" / "jina-clip-v2-tiny"
 PAD_ID = 1
@@ -111,12 +112,6 @@ def test_empty_batch(tokenizer):
     assert input_ids.shape == attention_mask.shape == (0, 0)
 
 
-@pytest.mark.parametrize("max_length", [2, 0, -1, 8193, 16.0, "16", True, None])
-def test_invalid_max_length(tokenizer, max_length):
-    with pytest.raises(ValueError, match="max_length"):
-        encode(tokenizer, ["a"], max_length)
-
-
 @pytest.mark.parametrize(("bad", "type_name"), [(None, "NoneType"), (3, "int"), (b"x", "bytes")])
 def test_non_string_item_names_index(bad, type_name):
     with pytest.raises(TextInputError, match=f"item 3: expected str, got {type_name}"):
@@ -138,14 +133,6 @@ def test_whole_input_of_the_wrong_kind_is_refused(whole):
 
 def test_apply_instruction_concatenates():
     assert apply_instruction(["x", ""], "Q: ") == ["Q: x", "Q: "]
-
-
-def test_length_sorted_batches():
-    lengths = [3, 10, 1, 10, 7]
-    batches = length_sorted(lengths, range(5), 2)
-    assert batches == [[1, 3], [4, 0], [2]]
-    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
-    assert length_sorted([], [], 4) == []
 
 
 @pytest.mark.parametrize("batch_size", [0, -1, 1.5, True])

@@ -10,19 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..towers import TOWERS
+from ..errors import BundleError
 
 MANIFEST_NAME = "clipedge.json"
 FORMAT_NAME = "clipedge-bundle"
-FORMAT_VERSION = 1
-
-
-class BundleError(RuntimeError):
-    """A bundle directory is missing, incomplete, corrupt or written by a newer clipedge."""
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -42,70 +38,120 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class Accuracy:
+    """What calibration measured for a lower-precision graph against fp32 on held-out inputs."""
+
+    cosine_min: float
+    cosine_mean: float
+    target: float
+    passed: bool
+    method: str | None = None
+    fp32_blocks: list[str] = field(default_factory=list)
+    overflow: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Accuracy:
+        return cls(
+            cosine_min=float(data["cosine_min"]),
+            cosine_mean=float(data["cosine_mean"]),
+            target=float(data["target"]),
+            passed=bool(data["passed"]),
+            method=data.get("method"),
+            fp32_blocks=list(data.get("fp32_blocks", [])),
+            overflow=list(data.get("overflow", [])),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class GraphEntry:
     """One graph file of a tower at one precision.
 
     `device` says where the graph is meant to run fast: "any" (fp32), "gpu" (fp16 and Q/DQ
     int8 for TensorRT / CUDA), "cpu" (onnxruntime CPU int8) or "openvino" (an OpenVINO IR
-    `.xml`, its weights in `external_data` `.bin`). `accuracy` summarises the calibration
-    report (cosine to fp32, target, passed); None for the fp32 reference.
+    `.xml`; its `.bin` beside it). `accuracy`: None for the fp32 reference.
     """
 
     file: str
     precision: str
-    external_data: str | None = None
     device: str = "any"
-    accuracy: dict[str, Any] | None = None
+    accuracy: Accuracy | None = None
 
     @property
     def passed(self) -> bool:
-        return self.accuracy is None or bool(self.accuracy.get("passed"))
+        return self.accuracy is None or self.accuracy.passed
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GraphEntry:
+        accuracy = data.get("accuracy")
         return cls(
             file=data["file"],
             precision=data["precision"],
-            external_data=data.get("external_data"),
             device=data.get("device", "any"),
-            accuracy=data.get("accuracy"),
+            accuracy=None if accuracy is None else Accuracy.from_dict(accuracy),
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "file": self.file,
             "precision": self.precision,
-            "external_data": self.external_data,
             "device": self.device,
-            "accuracy": self.accuracy,
+            "accuracy": None if self.accuracy is None else self.accuracy.to_dict(),
         }
+
+
+@dataclass(frozen=True)
+class TextSettings:
+    """The text tower's pre-processing: tokenizer file, pad id, and the token lengths: the
+    default every consumer uses (`default_max_length`) and the most any may ask for."""
+
+    tokenizer: str
+    pad_token_id: int
+    default_max_length: int
+    max_length: int
+
+
+@dataclass(frozen=True)
+class VisionSettings:
+    """The vision tower's pre-processing: its config file and the square input size."""
+
+    image_size: int
+    preprocessor: str
+
+
+SETTINGS = {"text": TextSettings, "vision": VisionSettings}
 
 
 @dataclass(frozen=True)
 class TowerManifest:
     """Everything the runtime needs to run one tower.
 
-    `output` is "pooled" when the graph pools inside (`text_embeds` / `image_embeds`) and
-    "token_states" when it returns `last_hidden_state` and the runtime pools.
+    `outputs[0]` is `text_embeds` / `image_embeds` [batch, dim] when the graph pools inside,
+    `last_hidden_state` [batch, tokens, dim] when the runtime pools (`pooling`).
+    `tensorrt_engines` / `tensorrt_ep_context`: what `clipedge build-engine` added.
     """
 
     graphs: dict[str, GraphEntry]
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    output: str
     pooling: str
-    extra: dict[str, Any] = field(default_factory=dict)
+    settings: TextSettings | VisionSettings
+    tensorrt_engines: list[dict[str, Any]] = field(default_factory=list)
+    tensorrt_ep_context: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TowerManifest:
-        known = {"graphs", "inputs", "outputs", "output", "pooling"}
+    def from_dict(cls, name: str, data: dict[str, Any]) -> TowerManifest:
+        settings = SETTINGS[name]
         return cls(
             graphs={k: GraphEntry.from_dict(v) for k, v in data["graphs"].items()},
             inputs=[TensorSpec.from_dict(t) for t in data["inputs"]],
             outputs=[TensorSpec.from_dict(t) for t in data["outputs"]],
-            output=data["output"],
             pooling=data["pooling"],
-            extra={k: v for k, v in data.items() if k not in known},
+            settings=settings(**{f.name: data["settings"][f.name] for f in fields(settings)}),
+            tensorrt_engines=list(data.get("tensorrt_engines", [])),
+            tensorrt_ep_context=list(data.get("tensorrt_ep_context", [])),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,20 +159,25 @@ class TowerManifest:
             "graphs": {k: v.to_dict() for k, v in self.graphs.items()},
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
-            "output": self.output,
             "pooling": self.pooling,
-            **self.extra,
+            "settings": asdict(self.settings),
+            "tensorrt_engines": self.tensorrt_engines,
+            "tensorrt_ep_context": self.tensorrt_ep_context,
         }
+
+    @property
+    def output_dim(self) -> int | str:
+        """The embedding width the graph declares (its output's last axis)."""
+        return self.outputs[0].shape[-1]
 
 
 @dataclass(frozen=True)
 class Manifest:
     """The parsed `clipedge.json` of a bundle.
 
-    Text extra keys: tokenizer (file name), pad_token_id, default_max_length, max_length.
-    Vision extra keys: image_size, preprocessor (file name).
     `files` maps every file of the bundle to its size in bytes and sha256, so a missing or
-    truncated file is found when the bundle is opened.
+    truncated file is found when the bundle is opened. `source` (where the checkpoint came
+    from) and `versions` (of the exporting tools) are provenance, shown by `clipedge verify`.
     """
 
     embed_dim: int
@@ -146,11 +197,11 @@ class Manifest:
             matryoshka_dimensions=[int(d) for d in data["matryoshka_dimensions"]],
             normalize=bool(data["normalize"]),
             task_instructions=dict(data["task_instructions"]),
-            towers={k: TowerManifest.from_dict(v) for k, v in data["towers"].items()},
+            towers={k: TowerManifest.from_dict(k, v) for k, v in data["towers"].items()},
             source=dict(data.get("source", {})),
             versions=dict(data.get("versions", {})),
             files={name: dict(info) for name, info in data["files"].items()},
-            format_version=int(data["format_version"]),
+            format_version=FORMAT_VERSION,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,6 +227,29 @@ class Manifest:
         return path
 
 
+def upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 manifest in format 2's shape: tower settings were loose keys beside
+    `graphs`, an accuracy's target was `target_cosine`, and `output` / `external_data`
+    (derivable) were stored."""
+    towers = {}
+    for name, tower in data["towers"].items():
+        keys = [f.name for f in fields(SETTINGS[name])] if name in SETTINGS else []
+        graphs = {}
+        for precision, graph in tower["graphs"].items():
+            graph = {k: v for k, v in graph.items() if k != "external_data"}
+            if graph.get("accuracy") is not None:
+                accuracy = dict(graph["accuracy"])
+                accuracy["target"] = accuracy.pop("target_cosine", accuracy.get("target"))
+                graph["accuracy"] = accuracy
+            graphs[precision] = graph
+        towers[name] = {
+            **{k: v for k, v in tower.items() if k not in keys and k != "output"},
+            "graphs": graphs,
+            "settings": {k: tower[k] for k in keys if k in tower},
+        }
+    return {**data, "towers": towers, "format_version": 2}
+
+
 def read_manifest(bundle_dir: str | Path) -> Manifest:
     """Read and validate a bundle's manifest; every failure is a BundleError that says why."""
     bundle_dir = Path(bundle_dir)
@@ -198,16 +272,23 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
             f"{path} was written by a newer clipedge (bundle format {version}, this clipedge "
             f"reads up to {FORMAT_VERSION}); upgrade clipedge"
         )
+    unknown = [name for name in data.get("towers", {}) if name not in SETTINGS]
+    if unknown:
+        raise BundleError(
+            f"{path} has an unknown tower {unknown[0]!r} (known: {', '.join(SETTINGS)})"
+        )
     try:
-        manifest = Manifest.from_dict(data)
+        manifest = Manifest.from_dict(upgrade_v1(data) if version == 1 else data)
     except (KeyError, TypeError, ValueError) as exc:
-        raise BundleError(f"{path} is incomplete or malformed: {exc!r}") from exc
+        raise BundleError(
+            f"{path} (bundle format {version}) is incomplete or malformed: {exc!r}"
+        ) from exc
     for name, tower in manifest.towers.items():
-        if name not in TOWERS:
-            raise BundleError(f"{path} has an unknown tower {name!r} (known: {', '.join(TOWERS)})")
-        missing = [key for key in TOWERS[name].manifest_keys if key not in tower.extra]
-        if missing:
-            raise BundleError(f"{path}: the {name} tower lacks {', '.join(missing)}")
+        if isinstance(tower.output_dim, int) and tower.output_dim != manifest.embed_dim:
+            raise BundleError(
+                f"{path}: the {name} graph's output is {tower.output_dim} wide, the manifest's "
+                f"embed_dim is {manifest.embed_dim}"
+            )
     return manifest
 
 

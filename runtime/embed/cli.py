@@ -7,46 +7,41 @@ import os
 import sys
 from pathlib import Path
 
+from clipedge.errors import OptionError
+from clipedge.options import Options, add_arguments, from_arguments
+
 
 def embed_command(args: argparse.Namespace) -> int:
-    from clipedge.bundle.manifest import BundleError
-
-    from .job import EmbedError, EmbedJob, embed
+    from .job import EmbedJob, embed
 
     if bool(args.images) == bool(args.texts):
-        print("clipedge embed: give exactly one of --images or --texts", file=sys.stderr)
-        return 2
-    try:
-        job = EmbedJob(
-            bundle=Path(args.bundle),
-            source=args.images or args.texts,
-            kind="images" if args.images else "texts",
-            out_dir=Path(args.output),
-            dimensions=args.dimensions,
-            task=args.task,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            shard_size=args.shard_size,
-            dtype=args.dtype,
-            fail_fast=args.fail_fast,
-            column=args.column,
-            id_column=args.id_column,
-            keep=tuple(c for c in (args.keep or "").split(",") if c),
-            backend=args.backend,
-            precision=args.precision,
-            allow_urls=args.allow_urls,
-            allow_private_urls=args.allow_private_urls,
-        )
-        progress = None if sys.stderr.isatty() else False
-        if args.ray is None:
-            summary = embed(job, progress)
-        else:
-            from .ray_data import embed_with_ray
+        raise OptionError("give exactly one of --images or --texts")
+    job = EmbedJob(
+        bundle=Path(args.bundle),
+        source=args.images or args.texts,
+        kind="images" if args.images else "texts",
+        out_dir=Path(args.output),
+        dimensions=args.dimensions,
+        task=args.task,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        shard_size=args.shard_size,
+        dtype=args.dtype,
+        fail_fast=args.fail_fast,
+        column=args.column,
+        id_column=args.id_column,
+        keep=tuple(c for c in (args.keep or "").split(",") if c),
+        backend=args.backend,
+        precision=args.precision,
+        options=from_arguments(args, Options),
+    )
+    progress = None if sys.stderr.isatty() else False
+    if args.ray is None:
+        summary = embed(job, progress)
+    else:
+        from .ray_data import embed_with_ray
 
-            summary = embed_with_ray(job, None if args.ray == "local" else args.ray, progress)
-    except (EmbedError, BundleError, ValueError, OSError) as exc:
-        print(f"clipedge embed: {exc}", file=sys.stderr)
-        return 1
+        summary = embed_with_ray(job, None if args.ray == "local" else args.ray, progress)
     print(summary.line())
     return 0
 
@@ -71,11 +66,6 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--shard-size", type=int, default=10_000)
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first bad input")
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="(the default) keep finished shards, redo partial ones",
-    )
     parser.add_argument("--column", help="table column with the text / image path, URL or bytes")
     parser.add_argument("--id-column", help="table column with ids (default: row number)")
     parser.add_argument("--keep", help="comma list of source columns to keep")
@@ -87,12 +77,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--precision", help="a precision of the bundle (default: the fastest that passed)"
     )
-    parser.add_argument("--allow-urls", action="store_true", help="fetch http(s) image URLs")
-    parser.add_argument(
-        "--allow-private-urls",
-        action="store_true",
-        help="also from private, loopback and link-local addresses",
-    )
+    add_arguments(parser, Options, skip=("allow_files",))
     parser.add_argument(
         "--ray",
         nargs="?",

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import functools
+import ctypes
 import hashlib
 import itertools
 import os
+import signal
 import time
 import warnings
 from collections import deque
@@ -21,24 +22,17 @@ import clipedge
 from clipedge.bundle.manifest import read_manifest
 from clipedge.engine.openvino_backend import OpenVinoOptions
 from clipedge.engine.plan import choose_backend
-from clipedge.inputs.fetch import UrlPolicy
-from clipedge.inputs.images import ImagePreprocessor, load_image, preprocess_images_collect
+from clipedge.errors import ClipEdgeError, OptionError
 from clipedge.inputs.sources import Record, image_records, source_hash, text_records
-from clipedge.stages import (
-    PreparedImages,
-    PreparedTexts,
-    TowerBatch,
-    image_batches,
-    image_feeds,
-    text_feeds,
-)
+from clipedge.options import Options
+from clipedge.towers import TEXT, VISION, Prepared, open_towers
 
 from . import shards
 
-KINDS = {"images": "vision", "texts": "text"}
+KINDS = {"images": VISION.name, "texts": TEXT.name}
 
 
-class EmbedError(RuntimeError):
+class EmbedError(ClipEdgeError, RuntimeError):
     """The run cannot start or go on (changed source, --fail-fast on a bad input, ...)."""
 
 
@@ -63,17 +57,15 @@ class EmbedJob:
     keep: tuple[str, ...] = ()
     backend: str = "auto"
     precision: str | None = None
-    max_length: int = 512
-    allow_urls: bool = False
-    allow_private_urls: bool = False
+    options: Options = field(default_factory=Options)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {list(KINDS)}, got {self.kind!r}")
+            raise OptionError(f"kind must be one of {list(KINDS)}, got {self.kind!r}")
         if self.dtype not in shards.DTYPES:
-            raise ValueError(f"dtype must be one of {list(shards.DTYPES)}")
+            raise OptionError(f"dtype must be one of {list(shards.DTYPES)}")
         if self.shard_size < 1 or self.batch_size < 1 or self.workers < 0:
-            raise ValueError("shard_size and batch_size must be >= 1, workers >= 0")
+            raise OptionError("shard_size and batch_size must be >= 1, workers >= 0")
 
     def records(self) -> Iterator[Record]:
         read = image_records if self.kind == "images" else text_records
@@ -100,20 +92,32 @@ class EmbedSummary:
         )
 
 
-# ----- image preparation in worker processes -------------------------------------------------
+# ----- preparation in worker processes -------------------------------------------------
 
 _worker: dict[str, Any] = {}
+PR_SET_PDEATHSIG = 1
 
 
-def _init_worker(preprocessor_config: str, policy: UrlPolicy) -> None:
-    _worker["preprocessor"] = ImagePreprocessor.from_config_file(preprocessor_config)
-    _worker["load"] = functools.partial(load_image, url_policy=policy)
+def _die_with_parent(parent: int) -> None:
+    """A worker ends when the job's process dies, however it dies (Linux: the kernel sends
+    SIGKILL; elsewhere the parent's normal exit shuts the pool down)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (AttributeError, OSError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
-def _prepare_images(items: list[Any]) -> tuple[np.ndarray, list, list[str | None]]:
-    """In a worker process: pixels and each item's error reason (the shape of `_prepare`)."""
-    pixels, errors = preprocess_images_collect(items, _worker["preprocessor"], load=_worker["load"])
-    return pixels, [], [e.reason if e is not None else None for e in errors]
+def _init_worker(bundle: str, tower: str, options: Options, parent: int) -> None:
+    """Build the same tower object, with the same options, as the job's own process."""
+    _die_with_parent(parent)
+    one_thread = options.replace(preprocess_workers=1)
+    _worker["tower"] = open_towers(read_manifest(Path(bundle)), Path(bundle), one_thread)[tower]
+
+
+def _prepare_in_worker(items: list[Any], offset: int) -> Prepared:
+    return _worker["tower"].prepare(items, offset)
 
 
 def _bundle_hash(bundle: Path) -> str:
@@ -135,7 +139,7 @@ def _run_manifest(job: EmbedJob, model: clipedge.ClipEdgeModel) -> dict[str, Any
         "shard_size": job.shard_size,
         "dtype": job.dtype,
         "columns": {"item": job.column, "id": job.id_column, "keep": list(job.keep)},
-        "max_length": job.max_length,
+        "max_length": model.towers[TEXT.name].default_max_length if job.kind == "texts" else None,
     }
 
 
@@ -175,77 +179,42 @@ class Embedder:
             job.bundle,
             backend="openvino" if openvino else job.backend,
             precision=job.precision,
+            options=job.options,
             backend_options=OpenVinoOptions(mode="throughput") if openvino else None,
-            allow_urls=job.allow_urls,
-            allow_private_urls=job.allow_private_urls,
         )
-        self.tower = KINDS[job.kind]
+        self.tower = self.model.tower(KINDS[job.kind])
         self.options = self.model.finish_options(job.dimensions, True, option="dimensions")
-        self.dim = self.options.truncate_dim or self.model.manifest.embed_dim
-
-    # -- preparation ------------------------------------------------------------------
 
     def _executor(self) -> Executor:
         if self.job.kind == "images" and self.job.workers > 0:
-            policy = UrlPolicy(
-                allow_urls=self.job.allow_urls, allow_private=self.job.allow_private_urls
-            )
-            config = (
-                self.model.bundle_dir / self.model.manifest.towers["vision"].extra["preprocessor"]
-            )
             return ProcessPoolExecutor(
-                self.job.workers, initializer=_init_worker, initargs=(str(config), policy)
+                self.job.workers,
+                initializer=_init_worker,
+                initargs=(str(self.job.bundle), VISION.name, self.job.options, os.getpid()),
             )
         return ThreadPoolExecutor(1)
 
-    def _prepare(self, items: list[Any]) -> tuple[np.ndarray | None, list[Any], list[str | None]]:
+    def _prepare(self, items: list[Any], offset: int = 0) -> Prepared:
         """In-process preparation: texts (fast), or images with workers=0."""
         if self.job.kind == "texts":
-            prepared = self.model.prepare_texts(items, self.job.task, self.job.max_length)
-            errors = [e.reason if e is not None else None for e in prepared.errors]
-            return None, prepared.token_ids, errors
-        prepared = self.model.prepare_images(items)
-        return prepared.pixels, [], [e.reason if e else None for e in prepared.errors]
+            return self.tower.prepare(items, offset, task=self.job.task)
+        return self.tower.prepare(items, offset)
 
-    # -- inference --------------------------------------------------------------------
-
-    def _embed(self, batch: TowerBatch) -> np.ndarray:
-        return self.model.finish(self.tower, batch, self.model.run(self.tower, batch), self.options)
-
-    def _embed_rows(
-        self, pixels: np.ndarray | None, token_ids: list[Any], errors: list[str | None]
-    ) -> np.ndarray:
-        """Vectors for the valid items; a failing batch is retried item by item."""
-        vectors = np.zeros((len(errors), self.dim), np.float32)
-        if self.job.kind == "texts":
-            prepared = PreparedTexts(token_ids, [None] * len(errors), [False] * len(errors))
-            batches = list(self.model.text_batches(prepared, self.job.batch_size))
-        else:
-            prepared = PreparedImages(pixels, list(errors), [None] * len(errors))
-            batches = list(image_batches(prepared, self.job.batch_size))
-        for batch in batches:
-            try:
-                vectors[batch.items] = self._embed(batch)
-            except Exception:
-                for item in batch.items:
-                    single = self._single(item, pixels, token_ids)
-                    try:
-                        vectors[item] = self._embed(single)[0]
-                    except Exception as exc:  # only this item fails
-                        errors[item] = f"{type(exc).__name__}: {exc}"
-        return vectors
-
-    def _single(self, item: int, pixels, token_ids) -> TowerBatch:
-        if self.job.kind == "texts":
-            pad = self.model.text.tokenizer.pad_token_id
-            return TowerBatch(text_feeds([token_ids[item]], pad), [0])
-        return TowerBatch(image_feeds(pixels[item : item + 1]), [0])
+    def embed_prepared(self, prepared: Prepared) -> tuple[np.ndarray, list[str | None]]:
+        """Vectors and per-item error reasons (an item's failure never costs another)."""
+        pipeline = self.model.pipeline(self.tower.spec.name)
+        embedded = pipeline.embed(prepared, self.job.batch_size, self.options)
+        return embedded.vectors, [_reason(error) for error in embedded.errors]
 
     def embed_items(self, items: list[Any]) -> tuple[np.ndarray, list[str | None]]:
         """Vectors and per-item error reasons for one batch of items, prepared here."""
-        pixels, token_ids, errors = self._prepare(items)
-        errors = list(errors)
-        return self._embed_rows(pixels, token_ids, errors), errors
+        return self.embed_prepared(self._prepare(items))
+
+
+def _reason(error: ClipEdgeError | None) -> str | None:
+    if error is None:
+        return None
+    return getattr(error, "reason", None) or str(error)
 
 
 def empty_rows() -> dict[str, list]:
@@ -309,9 +278,7 @@ class Runner(Embedder):
                 (shard, records, last), future = pending.popleft()
                 for entry in itertools.islice(batches, 1):
                     pending.append((entry, self._submit(executor, entry[1], uses_workers)))
-                pixels, token_ids, errors = future.result()
-                errors = list(errors)
-                vectors = self._embed_rows(pixels, token_ids, errors)
+                vectors, errors = self.embed_prepared(future.result())
                 self._collect(rows, records, vectors, errors, summary)
                 bar.update(len(records))
                 if last:
@@ -332,7 +299,7 @@ class Runner(Embedder):
 
     def _submit(self, executor: Executor, records: list[Record], uses_workers: bool):
         items = [r.item for r in records]
-        return executor.submit(_prepare_images if uses_workers else self._prepare, items)
+        return executor.submit(_prepare_in_worker if uses_workers else self._prepare, items, 0)
 
     def _collect(self, rows, records, vectors, errors, summary: EmbedSummary) -> None:
         for record, error in zip(records, errors, strict=True):

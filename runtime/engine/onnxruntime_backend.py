@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle.manifest import BundleError, TowerManifest
+from ..errors import OptionError
 from ..user_warnings import warn
 from .profiles import ProfileLimits, tower_profile
+from .session import NO_LIMITS, EngineLimits
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ class OnnxruntimeOptions:
 
     def __post_init__(self) -> None:
         if self.optimization not in OPT_LEVELS:
-            raise ValueError(f"optimization must be one of {list(OPT_LEVELS)}")
+            raise OptionError(f"optimization must be one of {list(OPT_LEVELS)}")
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,12 @@ class OrtSession:
             else:
                 log.info(message)
         self.input_names = [i.name for i in self._session.get_inputs()]
+        self.limits = NO_LIMITS
+        if self.provider == "TensorrtExecutionProvider" and isinstance(options, TensorrtEpOptions):
+            self.limits = EngineLimits(options.limits.max_batch, options.limits.max_length)
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self._session.run(None, feeds)[0]
+
+    def close(self) -> None:
+        self._session = None

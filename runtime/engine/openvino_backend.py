@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from ..bundle.manifest import BundleError
+from ..errors import OptionError
+from .session import NO_LIMITS
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +50,9 @@ class OpenVinoOptions:
 
     def __post_init__(self) -> None:
         if self.inference_precision not in PRECISIONS:
-            raise ValueError(f"inference_precision must be one of {PRECISIONS}")
+            raise OptionError(f"inference_precision must be one of {PRECISIONS}")
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}")
+            raise OptionError(f"mode must be one of {MODES}")
 
 
 def config_key(config: dict[str, str]) -> str:
@@ -146,6 +148,7 @@ class OpenVinoSession:
             raise BundleError(f"cannot load {graph} in OpenVINO: {exc}") from exc
         precision = self._compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         self.provider = f"OpenVINO-{device} {precision}"
+        self.limits = NO_LIMITS
         self.input_names = [port.any_name for port in self._compiled.inputs]
         self._output = self._compiled.output(0)
         self._local = threading.local()
@@ -172,6 +175,11 @@ class OpenVinoSession:
         # thread's next call overwrites.
         result = self._request().infer(feeds, share_inputs=True, share_outputs=False)
         return result[self._output]
+
+    def close(self) -> None:
+        """Drop the compiled model (OpenVINO frees it with the last reference)."""
+        self._queue = None
+        self._compiled = None
 
     def _run_split(self, feeds: dict[str, np.ndarray], rows: int) -> np.ndarray:
         """One batch over the streams: contiguous slices run at once, joined in order."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..bundle.manifest import TowerManifest
+from ..errors import OptionError
 
 Shape = list[int]
 Profile = dict[str, tuple[Shape, Shape, Shape]]
@@ -29,18 +30,9 @@ class ProfileLimits:
 
     def __post_init__(self) -> None:
         if not 1 <= self.opt_batch <= self.max_batch:
-            raise ValueError(f"need 1 <= opt_batch <= max_batch, got {self}")
+            raise OptionError(f"need 1 <= opt_batch <= max_batch, got {self}")
         if not 1 <= self.opt_length <= self.max_length:
-            raise ValueError(f"need 1 <= opt_length <= max_length, got {self}")
-
-    def check_length(self, max_length: int) -> None:
-        """Refuse texts longer than the profile takes (batches are split instead)."""
-        if max_length > self.max_length:
-            raise ValueError(
-                f"max_length {max_length} exceeds the TensorRT profile's max length "
-                f"{self.max_length}; load with TensorrtEpOptions(limits=ProfileLimits("
-                f"max_length={max_length}))"
-            )
+            raise OptionError(f"need 1 <= opt_length <= max_length, got {self}")
 
 
 def tower_profile(tower: TowerManifest, limits: ProfileLimits) -> Profile:
@@ -50,7 +42,7 @@ def tower_profile(tower: TowerManifest, limits: ProfileLimits) -> Profile:
         "sequence": (
             1,
             limits.opt_length,
-            min(limits.max_length, int(tower.extra.get("max_length", limits.max_length))),
+            min(limits.max_length, getattr(tower.settings, "max_length", limits.max_length)),
         ),
     }
     profile: Profile = {}

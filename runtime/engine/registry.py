@@ -7,6 +7,7 @@ libraries lazily, so this table costs nothing at `import clipedge`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bundle.manifest import TowerManifest
+from ..errors import OptionError
 from . import onnxruntime_backend, openvino_backend, tensorrt_backend
 from .session import TowerSession
 
@@ -34,6 +36,18 @@ class Backend:
     available: Callable[[], bool]
     fallback: str | None = None
 
+    def checked_options(self, options: Any, threads: int | None = None) -> Any:
+        """The caller's options for this backend (defaults when None), `threads` applied; a
+        `TypeError` naming both when they are another backend's."""
+        if options is None:
+            options = self.options_type()
+        elif not isinstance(options, self.options_type):
+            raise TypeError(
+                f"backend {self.name!r} takes {self.options_type.__name__}, "
+                f"got {type(options).__name__}"
+            )
+        return options if threads is None else dataclasses.replace(options, threads=threads)
+
 
 BACKENDS: dict[str, Backend] = {}
 
@@ -44,7 +58,7 @@ def register(backend: Backend) -> None:
 
 def backend(name: str) -> Backend:
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {('auto', *BACKENDS)}")
+        raise OptionError(f"unknown backend {name!r}; choose one of {('auto', *BACKENDS)}")
     return BACKENDS[name]
 
 

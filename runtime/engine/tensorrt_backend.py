@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 
 from ..bundle.manifest import BundleError, Manifest, TowerManifest, read_manifest
+from ..errors import OptionError
+from .session import EngineLimits
 from .tensorrt_engines import (
-    MANIFEST_KEY,
     EngineEntry,
     Machine,
     buffer_plan,
@@ -109,7 +110,7 @@ class TensorrtOptions:
 
     def __post_init__(self) -> None:
         if self.max_contexts < 1:
-            raise ValueError("max_contexts must be >= 1")
+            raise OptionError("max_contexts must be >= 1")
 
 
 # ----- CUDA through cuda-bindings ---------------------------------------------------------
@@ -195,7 +196,7 @@ def available() -> bool:
 def runnable(manifest: Manifest) -> dict[str, list[str]]:
     """Per tower, the precisions with an engine that runs here. Free for bundles without
     engines (CUDA and TensorRT are not touched)."""
-    if not any(tower.extra.get(MANIFEST_KEY) for tower in manifest.towers.values()):
+    if not any(tower.tensorrt_engines for tower in manifest.towers.values()):
         return {name: [] for name in manifest.towers}
     machine = this_machine()
     return {
@@ -364,6 +365,8 @@ class TensorrtSession:
             ]
             tensors[name] = (self.dtypes[name].name, manifest_shape)
         self.sizes = buffer_plan(entry.profiles, tensors)
+        lengths = [p.max_length for p in entry.profiles if p.max_length is not None]
+        self.limits = EngineLimits(max_length=max(lengths) if lengths else None)
         self._pool: queue.LifoQueue[_Context] = queue.LifoQueue()
         self._created = 0
         self._lock = threading.Lock()

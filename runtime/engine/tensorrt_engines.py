@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from ..bundle.manifest import TowerManifest
+from ..errors import OptionError
+from ..towers import tower_spec
 
 Shape = list[int]
-MANIFEST_KEY = "tensorrt_engines"  # per tower, beside "graphs" (kept by TowerManifest.extra)
+MANIFEST_KEY = "tensorrt_engines"  # per tower, beside "graphs" (TowerManifest.tensorrt_engines)
 FLAVOURS = ("tensorrt", "tensorrt_rtx")
 # Text buckets: short queries, the encode_text default, long passages, the model's maximum.
 # The batch shrinks with the length so that no profile reserves more than 32 x 512 tokens
@@ -38,10 +40,6 @@ OPT_BATCH = 8
 # Blackwell RTX, not Hopper (9.0), data-centre Blackwell (10.0) or the Jetsons (8.7, 11.0).
 RTX_COMPUTE_CAPABILITIES = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
 NUMPY_DTYPES = {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "int8": 1, "bool": 1}
-
-
-class EngineMismatch(RuntimeError):
-    """No engine of the bundle runs here (each candidate's reasons are in the message)."""
 
 
 # ----- profiles --------------------------------------------------------------------------
@@ -74,24 +72,30 @@ class EngineProfile:
         )
 
 
+def _has_sequence(tower_name: str) -> bool:
+    """Whether the tower's inputs have a sequence axis (profiles are then BATCHxLENGTH)."""
+    return "sequence" in tower_spec(tower_name).dynamic_axes
+
+
 def parse_profiles(spec: str | None, tower_name: str) -> list[tuple[int, int | None]]:
     """`--profiles`: "32x128,32x512,8x2048" (batch x length) for text, "1,32" for vision."""
     if spec is None or not spec.strip():
-        return list(DEFAULT_TEXT_PROFILES if tower_name == "text" else DEFAULT_VISION_PROFILES)
+        return list(DEFAULT_TEXT_PROFILES if _has_sequence(tower_name) else DEFAULT_VISION_PROFILES)
     result: list[tuple[int, int | None]] = []
     for item in spec.split(","):
         parts = item.strip().lower().split("x")
         try:
             numbers = [int(p) for p in parts]
         except ValueError:
-            raise ValueError(f"bad profile {item!r}: use BATCHxLENGTH (text) or BATCH") from None
-        if tower_name == "text" and len(numbers) == 2 and min(numbers) >= 1:
+            raise OptionError(f"bad profile {item!r}: use BATCHxLENGTH (text) or BATCH") from None
+        sequence = _has_sequence(tower_name)
+        if sequence and len(numbers) == 2 and min(numbers) >= 1:
             result.append((numbers[0], numbers[1]))
-        elif tower_name != "text" and len(numbers) == 1 and numbers[0] >= 1:
+        elif not sequence and len(numbers) == 1 and numbers[0] >= 1:
             result.append((numbers[0], None))
         else:
-            form = "BATCHxLENGTH, e.g. 32x512" if tower_name == "text" else "BATCH, e.g. 32"
-            raise ValueError(f"bad {tower_name} profile {item!r}: use {form}")
+            form = "BATCHxLENGTH, e.g. 32x512" if sequence else "BATCH, e.g. 32"
+            raise OptionError(f"bad {tower_name} profile {item!r}: use {form}")
     return result
 
 
@@ -102,8 +106,8 @@ def tower_profiles(
     stay. Text buckets beyond the manifest's max_length are dropped (and that length added
     when a dropped bucket would have covered it); sorted by length, then batch."""
     buckets = list(buckets)
-    if tower_name == "text":
-        cap = int(tower.extra.get("max_length", max(b[1] or 0 for b in buckets)))
+    if _has_sequence(tower_name):
+        cap = tower.settings.max_length
         kept = [(b, length) for b, length in buckets if length is not None and length <= cap]
         over = [(b, length) for b, length in buckets if length is not None and length > cap]
         if over and all(length != cap for _, length in kept):
@@ -126,7 +130,7 @@ def tower_profiles(
             shapes[spec.name] = (triple[0], triple[1], triple[2])
         profiles.append(EngineProfile(max_batch, max_length, shapes))
     if not profiles:
-        raise ValueError(f"no {tower_name} profile left (max_length of the bundle is too small?)")
+        raise OptionError(f"no {tower_name} profile left (max_length of the bundle is too small?)")
     return profiles
 
 
@@ -273,7 +277,7 @@ class EngineEntry:
 
 
 def engine_entries(tower: TowerManifest) -> list[EngineEntry]:
-    return [EngineEntry.from_dict(e) for e in tower.extra.get(MANIFEST_KEY, [])]
+    return [EngineEntry.from_dict(e) for e in tower.tensorrt_engines]
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

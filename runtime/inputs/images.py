@@ -37,14 +37,10 @@ import numpy as np
 from PIL import Image
 
 # DEFAULT_MAX_URL_BYTES and DEFAULT_URL_TIMEOUT are re-exported for existing imports.
-from .errors import ImageInputError
-from .fetch import DEFAULT_MAX_URL_BYTES as DEFAULT_MAX_URL_BYTES
-from .fetch import DEFAULT_URL_TIMEOUT as DEFAULT_URL_TIMEOUT
-from .fetch import UrlPolicy, fetch_url
+from ..errors import ImageInputError
+from ..options import Options
+from .fetch import fetch_url
 
-# Pillow's own warning threshold (about 9459 x 9459, 268 MB as decoded RGB). Pillow itself refuses
-# images above twice its threshold, so larger limits also need Image.MAX_IMAGE_PIXELS raised.
-DEFAULT_MAX_PIXELS = 89_478_485
 # Enough for about four images in flight (decoded, resized, cropped and final buffers each).
 PILLOW_BLOCKS_CACHED = 16
 # Up to this resized long side (in multiples of `size`) a plain PIL resize is used; longer strips
@@ -59,29 +55,41 @@ ImageInput = (
 ImageLoader = Callable[[Any, int], Image.Image]
 
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_NO_URLS = UrlPolicy()
+DEFAULT_OPTIONS = Options()
 
 
-def load_image(
-    item: ImageInput,
-    index: int,
-    *,
-    url_policy: UrlPolicy = _NO_URLS,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-) -> Image.Image:
+SINGLE_IMAGE_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray)
+
+
+def as_image_list(images: Any) -> tuple[list[Any], bool]:
+    """The caller's images as a list, and whether a single image was given."""
+    if isinstance(images, SINGLE_IMAGE_TYPES) or hasattr(images, "read") or hasattr(images, "mode"):
+        return [images], True
+    if images is None or isinstance(images, int | float | Mapping | set | frozenset):
+        raise TypeError(f"expected an image or a list of images, got {type(images).__name__}")
+    try:
+        return list(images), False
+    except TypeError as exc:
+        raise TypeError(
+            f"expected an image or a list of images, got {type(images).__name__}"
+        ) from exc
+
+
+def load_image(item: ImageInput, index: int, options: Options = DEFAULT_OPTIONS) -> Image.Image:
     """Decode one input to an RGB PIL image exactly as the official code does.
 
     Accepted: file paths (str or os.PathLike), encoded bytes, binary file objects, PIL images,
     uint8 NumPy arrays (HxW and HxWx1 as gray, HxWx3 RGB, HxWx4 RGBA), `data:image/...;base64,`
-    URIs and, only when `url_policy.allow_urls`, http(s) URLs (fetched by `fetch.fetch_url`:
-    public addresses only unless `allow_private`, one total deadline, a size cap). Images with
-    more than `max_pixels` pixels are refused, for encoded inputs from the header before
-    decoding; `max_pixels=None` sets no clipedge limit on input pixels, but Pillow's own
+    URIs and, only when `options.allow_urls`, http(s) URLs (fetched by `fetch.fetch_url`:
+    public addresses only unless `allow_private_urls`, one total deadline, a size cap); paths
+    only when `options.allow_files`. Images with more than `options.max_image_pixels` pixels
+    are refused, for encoded inputs from the header before decoding; None sets no clipedge
+    limit on input pixels, but Pillow's own
     decompression-bomb guard (`Image.MAX_IMAGE_PIXELS`, refused above twice its value) still
     applies. RGB conversion is PIL's `convert("RGB")`: alpha is dropped without compositing,
     gray is replicated, palette and CMYK are converted as PIL does.
     """
-    _check_max_pixels(max_pixels)
+    max_pixels = options.max_image_pixels
     if item is None:
         raise ImageInputError(index, "got None instead of an image")
     if isinstance(item, Image.Image):
@@ -91,7 +99,7 @@ def load_image(
         image = _image_from_array(item, index)
         _check_size(image.size, index, max_pixels)
         return _to_rgb(image, index)
-    source = _encoded_source(item, index, url_policy)
+    source = _encoded_source(item, index, options)
     try:
         opened = Image.open(source)
     except Image.DecompressionBombError as exc:
@@ -108,21 +116,19 @@ def load_image(
         return _to_rgb(image, index)
 
 
-def _check_max_pixels(max_pixels: object) -> None:
-    if max_pixels is None:
-        return
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
-        raise ValueError(f"max_pixels must be a positive int or None, got {max_pixels!r}")
-
-
-def _encoded_source(item: Any, index: int, url_policy: UrlPolicy) -> str | BinaryIO:
+def _encoded_source(item: Any, index: int, options: Options) -> str | BinaryIO:
     """A path or binary stream for `Image.open`, from every input kind that holds encoded data."""
     if isinstance(item, (bytes, bytearray, memoryview)):
         return io.BytesIO(item)
     if isinstance(item, str) and item.startswith("data:"):
         return io.BytesIO(_data_uri_bytes(item, index))
     if isinstance(item, str) and _URL_SCHEME.match(item):
-        return io.BytesIO(fetch_url(item, index, url_policy))
+        return io.BytesIO(fetch_url(item, index, options.url_policy))
+    if isinstance(item, (str, os.PathLike)) and not options.allow_files:
+        # Says nothing about the file system: whether such a path exists stays unknown.
+        raise ImageInputError(
+            index, "local file paths are not accepted here: send the image as base64 or a URL"
+        )
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         if not path.exists():
@@ -143,7 +149,7 @@ def _check_size(size: tuple[int, int], index: int, max_pixels: int | None) -> No
         raise ImageInputError(index, f"empty image ({width}x{height})")
     if max_pixels is not None and width * height > max_pixels:
         raise ImageInputError(
-            index, f"image too large: {width}x{height} pixels exceeds max_pixels={max_pixels}"
+            index, f"image too large: {width}x{height} pixels exceeds max_image_pixels={max_pixels}"
         )
 
 

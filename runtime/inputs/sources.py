@@ -16,13 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import SourceError
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 LIST_SUFFIXES = {".txt", ".lst"}
 TABLE_SUFFIXES = {".parquet", ".csv"}
-
-
-class SourceError(ValueError):
-    """A source is missing, empty or not in a form clipedge reads."""
 
 
 @dataclass(frozen=True)

@@ -11,26 +11,29 @@ A text far longer than `max_length` tokens can use is cut to a character budget 
 tokenising (a 10 MB string then costs what a 512-token text costs). The budget keeps enough
 characters for `max_length` tokens plus a margin (no vocabulary piece is longer than the
 longest token), cut at a space where there is one; if the cut text still yields too few tokens
-(e.g. characters the normaliser removes), the budget doubles until it does or the text ends.
-The tokens kept are therefore the ones the whole text gives.
+(e.g. characters the normaliser removes), the budget doubles until it does, the text ends, or
+it reaches `MAX_CUT_GROWTH` times its first size. The tokens kept are therefore the ones the
+whole text gives, except for such pathological texts, which are cut there (and flagged as
+truncated) so that no text costs more than a bounded multiple of `max_length`'s work.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 from tokenizers import Tokenizer
 
-from .errors import TextInputError
+from ..errors import TextInputError
 
-MIN_MAX_LENGTH = 3
-MAX_MAX_LENGTH = 8192
 # Tokens kept beyond max_length before a cut text is trusted to tokenise like the whole text.
 CUT_MARGIN_TOKENS = 16
+# A cut text that yields too few tokens (characters the normaliser drops, combining marks)
+# grows at most this many times its first size: the work stays bounded by max_length.
+MAX_CUT_GROWTH = 16
+MIN_CUT_TOKENS = 512
 
 
 def as_text_list(sentences: Any) -> tuple[list[Any], bool]:
@@ -41,7 +44,9 @@ def as_text_list(sentences: Any) -> tuple[list[Any], bool]:
     """
     if isinstance(sentences, str):
         return [sentences], True
-    if sentences is None or isinstance(sentences, (bytes, bytearray, int, float)):
+    if sentences is None or isinstance(
+        sentences, (bytes, bytearray, int, float, Mapping, set, frozenset)
+    ):
         raise TypeError(
             f"expected a string or a list of strings, got {type(sentences).__name__}"
             + (" (decode bytes to str first)" if isinstance(sentences, bytes | bytearray) else "")
@@ -72,17 +77,6 @@ def check_text(text: Any, index: int) -> str:
 def apply_instruction(texts: Sequence[str], instruction: str) -> list[str]:
     """Prepend a task instruction by plain string concatenation, as the official code does."""
     return [instruction + text for text in texts]
-
-
-def check_max_length(max_length: Any) -> int:
-    """`max_length` counts the special tokens, so it must leave room for one content token."""
-    if isinstance(max_length, bool) or not isinstance(max_length, int | np.integer):
-        raise ValueError(f"max_length must be an int, got {type(max_length).__name__}")
-    if not MIN_MAX_LENGTH <= max_length <= MAX_MAX_LENGTH:
-        raise ValueError(
-            f"max_length must be in [{MIN_MAX_LENGTH}, {MAX_MAX_LENGTH}], got {max_length}"
-        )
-    return int(max_length)
 
 
 class TextTokenizer:
@@ -144,15 +138,21 @@ class TextTokenizer:
     ) -> tuple[list[list[int]], list[bool]]:
         """`tokenize`, and per text whether truncation dropped tokens (a server may refuse
         those instead of embedding a cut text)."""
-        max_length = check_max_length(max_length)
         cut = [self._cut(text, max_length) for text in texts]
         rows = [encoding.ids for encoding in self._encode_batch(cut)]
         for index, text in enumerate(texts):
             # A cut text must still give the margin beyond max_length; else widen the cut.
             tokens = max_length
-            while len(cut[index]) < len(text) and len(rows[index]) < max_length + CUT_MARGIN_TOKENS:
+            while (
+                len(cut[index]) < len(text)
+                and len(rows[index]) < max_length + CUT_MARGIN_TOKENS
+                and tokens < max(max_length, MIN_CUT_TOKENS) * MAX_CUT_GROWTH
+            ):
                 tokens *= 2
                 cut[index] = self._cut(text, tokens)
                 rows[index] = self._tokenizer.encode(cut[index]).ids
-        truncated = [len(ids) > max_length for ids in rows]
+        truncated = [
+            len(ids) > max_length or len(part) < len(text)
+            for ids, part, text in zip(rows, cut, texts, strict=True)
+        ]
         return [self._truncate(ids, max_length) for ids in rows], truncated

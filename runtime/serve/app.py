@@ -1,4 +1,4 @@
-"""The FastAPI application: routes, errors, readiness, metrics and access logs."""
+"""The FastAPI application: routes, the error mapping, readiness and metrics."""
 
 from __future__ import annotations
 
@@ -6,233 +6,26 @@ import asyncio
 import hmac
 import json
 import logging
-import math
 import time
-import uuid
 from contextlib import asynccontextmanager
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 import clipedge
-from clipedge.postprocess import truncate_and_normalize
+from clipedge.errors import ClipEdgeError
 
-from .batcher import QueueFull, TowerBatcher
-from .encodings import encode
-from .errors import ApiError
+from .access_log import AccessLog
+from .errors import ApiError, api_error
 from .metrics import Metrics
-from .requests import EmbeddingRequest, parse_request
+from .requests import parse_request
+from .service import Service
 from .settings import ServeSettings
 
 log = logging.getLogger("clipedge.serve")
-access_log = logging.getLogger("clipedge.serve.access")
-# Usage as the hosted API prices images: per 512x512 tile of the image, partial tiles count.
-TOKENS_PER_TILE = 4000
-TILE = 512
-
-
-def open_model(settings: ServeSettings) -> clipedge.ClipEdgeModel:
-    """The service's model: manifest, plan and tokenizer; sessions open on first use, so this
-    is quick and `clipedge serve` calls it before listening, to fail fast on a bad bundle."""
-    return clipedge.load(
-        settings.bundle,
-        backend=settings.backend,
-        precision=settings.precision,
-        threads=settings.threads,
-        allow_urls=settings.allow_urls,
-        allow_private_urls=settings.allow_private_urls,
-        url_timeout=settings.url_timeout,
-        preprocess_workers=settings.prepare_workers,
-    )
-
-
-class Service:
-    """The loaded model and one batcher per tower; `ready` once a warm-up has run."""
-
-    def __init__(
-        self,
-        settings: ServeSettings,
-        metrics: Metrics,
-        opened: clipedge.ClipEdgeModel | None = None,
-    ) -> None:
-        self.settings = settings
-        self.metrics = metrics
-        self.opened = opened
-        self.model: clipedge.ClipEdgeModel | None = None
-        self.batchers: dict[str, TowerBatcher] = {}
-        self.ready = False
-        self.failed: str | None = None
-
-    def start(self) -> None:
-        """Load (unless opened already), start the batchers and warm every tower up, which
-        opens the sessions (blocking; run in a thread)."""
-        s = self.settings
-        model = self.opened or open_model(s)
-        for tower in model.manifest.towers:
-            self.batchers[tower] = TowerBatcher(
-                model,
-                tower,
-                s.max_batch_size,
-                s.max_wait_ms / 1000,
-                s.max_queue,
-                self.metrics.observe_batch,
-            )
-            self.metrics.queue_depth.labels(tower).set_function(
-                lambda b=self.batchers[tower]: b.depth
-            )
-        self.model = model
-        if "text" in self.batchers:
-            ids = model.prepare_texts(["warm-up"]).token_ids[0]
-            self.batchers["text"].submit([ids])[0].result()
-        if "vision" in self.batchers:
-            pixels = model.prepare_images([np.zeros((64, 64, 3), np.uint8)]).pixels[0]
-            self.batchers["vision"].submit([pixels])[0].result()
-        self.ready = True
-        log.info("ready: %s, %s", model.plan.backend, model.precisions)
-
-    def healthy(self) -> bool:
-        stall_after = max(30.0, 3 * self.settings.request_timeout)
-        return self.ready and not any(b.stalled(stall_after) for b in self.batchers.values())
-
-    def close(self) -> None:
-        for batcher in self.batchers.values():
-            batcher.close()
-
-    # ----- one request through the stages ------------------------------------------------
-
-    def prepare(
-        self, request: EmbeddingRequest
-    ) -> tuple[dict[str, list], list[tuple[str, int]], int]:
-        """Rows per tower, each item's (tower, row) and the usage tokens; 400 on a bad item."""
-        model = self.model
-        assert model is not None
-        rows: dict[str, list] = {"text": [], "vision": []}
-        where: list[tuple[str, int]] = []
-        usage = 0
-        texts = [(i, it.value) for i, it in enumerate(request.items) if it.kind == "text"]
-        images = [(i, it.value) for i, it in enumerate(request.items) if it.kind == "image"]
-        prepared_texts = None
-        if texts:
-            self._tower("text", "texts")
-            prepared_texts = model.prepare_texts(
-                [t for _, t in texts], request.task, self.settings.max_length
-            )
-            for (index, _), error, cut in zip(
-                texts, prepared_texts.errors, prepared_texts.truncated, strict=True
-            ):
-                if error is not None:
-                    raise ApiError(400, f"item {index}: {error.reason}", "input")
-                if cut and not request.truncate:
-                    raise ApiError(
-                        400,
-                        f"item {index}: longer than max_length={self.settings.max_length} "
-                        "tokens; send truncate: true to embed its beginning",
-                        "input",
-                    )
-        prepared_images = None
-        if images:
-            self._tower("vision", "images")
-            prepared_images = model.prepare_images([v for _, v in images])
-            for (index, _), error in zip(images, prepared_images.errors, strict=True):
-                if error is not None:
-                    raise ApiError(400, f"item {index}: {error.reason}", "input")
-        text_rows = iter(prepared_texts.token_ids if prepared_texts else [])
-        pixel_rows = iter(range(len(images)))
-        for index, item in enumerate(request.items):
-            if item.kind == "image":
-                position = next(pixel_rows)
-                width, height = prepared_images.sizes[position]
-                usage += TOKENS_PER_TILE * math.ceil(width / TILE) * math.ceil(height / TILE)
-                row = prepared_images.pixels[position]
-                tower = "vision"
-            else:
-                row = (
-                    next(text_rows)
-                    if item.kind == "text"
-                    else self._tokens(item.value, index, request)
-                )
-                usage += len(row)
-                tower = "text"
-            where.append((tower, len(rows[tower])))
-            rows[tower].append(row)
-        return rows, where, usage
-
-    def _tower(self, tower: str, what: str) -> None:
-        if tower not in self.batchers:
-            raise ApiError(
-                400, f"this server's bundle has no {tower} tower: it cannot embed {what}", "input"
-            )
-
-    def _tokens(self, ids: list[int], index: int, request: EmbeddingRequest) -> list[int]:
-        self._tower("text", "token ids")
-        tokenizer = self.model.text.tokenizer
-        vocab = tokenizer.vocab_size
-        if any(not 0 <= i < vocab for i in ids):
-            raise ApiError(
-                400,
-                f"item {index}: token ids must be in [0, {vocab}) for this model's tokenizer",
-                "input",
-            )
-        if len(ids) > self.settings.max_length and not request.truncate:
-            raise ApiError(
-                400,
-                f"item {index}: {len(ids)} tokens exceed max_length={self.settings.max_length}",
-                "input",
-            )
-        return ids[: self.settings.max_length]
-
-    async def embed(self, request: EmbeddingRequest, deadline: float) -> dict[str, Any]:
-        small = sum(len(item.value) for item in request.items if item.kind == "text") < 4096
-        if small and all(item.kind != "image" for item in request.items):
-            rows, where, usage = self.prepare(request)  # microseconds: no thread hop
-        else:  # tokenising long texts, fetching and decoding images: off the event loop
-            rows, where, usage = await run_in_threadpool(self.prepare, request)
-        futures: dict[str, list] = {}
-        try:
-            for tower, tower_rows in rows.items():
-                if tower_rows:
-                    futures[tower] = self.batchers[tower].submit(tower_rows)
-        except QueueFull as exc:
-            for pending in futures.values():
-                for future in pending:
-                    future.cancel()
-            raise ApiError(
-                429, f"{exc}; retry shortly", code="queue_full", headers={"Retry-After": "1"}
-            ) from None
-        waits = [asyncio.wrap_future(f) for pending in futures.values() for f in pending]
-        try:
-            await asyncio.wait_for(asyncio.gather(*waits), max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            for pending in futures.values():
-                for future in pending:
-                    future.cancel()
-            raise ApiError(
-                504,
-                f"the request took longer than {self.settings.request_timeout} s",
-                code="timeout",
-            ) from None
-        vectors = np.stack([futures[tower][row].result() for tower, row in where])
-        vectors = truncate_and_normalize(vectors, request.dimensions, request.normalized)
-        data = []
-        for index, vector in enumerate(vectors):
-            encoded = {name: encode(vector, name) for name in request.encodings}
-            data.append(
-                {
-                    "object": "embedding",
-                    "index": index,
-                    "embedding": encoded if request.keyed else encoded[request.encodings[0]],
-                }
-            )
-        return {
-            "model": self.settings.model_name,
-            "object": "list",
-            "data": data,
-            "usage": {"total_tokens": usage, "prompt_tokens": usage},
-        }
 
 
 def _authorised(request: Request, key: str | None) -> bool:
@@ -257,57 +50,6 @@ async def _read_body(request: Request, limit: int) -> Any:
         return json.loads(b"".join(chunks))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
-
-
-class AccessLog:
-    """Pure ASGI middleware (no per-request task, unlike `@app.middleware`): one JSON log
-    line, the latency histogram and the request counter by route, code and error code."""
-
-    def __init__(self, app, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.monotonic()
-        headers = dict(scope.get("headers") or [])
-        request_id = headers.get(b"x-request-id", b"").decode() or uuid.uuid4().hex[:16]
-        seen = {"status": 500, "error": ""}
-
-        async def record(message) -> None:
-            if message["type"] == "http.response.start":
-                seen["status"] = message["status"]
-                response_headers = list(message.get("headers") or [])
-                for name, value in response_headers:
-                    if name == b"x-error-code":
-                        seen["error"] = value.decode()
-                response_headers.append((b"x-request-id", request_id.encode()))
-                message = {**message, "headers": response_headers}
-            await send(message)
-
-        try:
-            await self.app(scope, receive, record)
-        finally:
-            elapsed = time.monotonic() - started
-            route = scope["path"]
-            self.metrics.latency.labels(route).observe(elapsed)
-            self.metrics.requests.labels(route, str(seen["status"]), seen["error"]).inc()
-            client = scope.get("client")
-            access_log.info(
-                json.dumps(
-                    {
-                        "request_id": request_id,
-                        "method": scope["method"],
-                        "path": route,
-                        "status": seen["status"],
-                        "ms": round(elapsed * 1000, 2),
-                        "client": client[0] if client else None,
-                        "error": seen["error"] or None,
-                    }
-                )
-            )
 
 
 def create_app(settings: ServeSettings, model: clipedge.ClipEdgeModel | None = None) -> FastAPI:
@@ -336,18 +78,22 @@ def create_app(settings: ServeSettings, model: clipedge.ClipEdgeModel | None = N
     app.add_middleware(AccessLog, metrics=metrics)
 
     @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+    async def api_error_response(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), exc.status, {**exc.headers, "x-error-code": exc.code})
+
+    @app.exception_handler(ClipEdgeError)
+    async def clipedge_error(request: Request, exc: ClipEdgeError) -> JSONResponse:
+        return await api_error_response(request, api_error(exc))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return await api_error(request, ApiError(exc.status_code, str(exc.detail)))
+        return await api_error_response(request, ApiError(exc.status_code, str(exc.detail)))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)
         error = ApiError(500, f"internal error ({type(exc).__name__}); see the server log")
-        return await api_error(request, error)
+        return await api_error_response(request, error)
 
     @app.get("/health")
     async def health() -> JSONResponse:

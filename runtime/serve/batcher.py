@@ -3,10 +3,10 @@
 Each request's items arrive prepared (token ids, or preprocessed pixels). The tower's thread
 takes what is queued, up to `max_batch` items, waiting at most `max_wait` for more after the
 first (default 0: nothing waits when the model is idle, and under load the requests that
-arrive while a batch runs form the next one); queued texts are run shortest-first in chunks
-so a batch pads little. A batch that
-fails is retried item by item, so one bad item fails only its own request. Results are the
-pooled, checked, not yet truncated vectors: each request truncates and normalises its own.
+arrive while a batch runs form the next one); rows are run in the tower's order in chunks
+so a batch pads little. Each chunk goes through the model's one `Pipeline` (engine limits,
+retry item by item), so one bad item fails only its own request. Results are the pooled,
+checked, not yet truncated vectors: each request truncates and normalises its own.
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from clipedge.stages import FinishOptions, TowerBatch, image_feeds, text_feeds
-
-RAW = FinishOptions(truncate_dim=None, normalize=False)
+from clipedge.pipeline import RAW, Pipeline
 
 
 class QueueFull(Exception):
@@ -35,25 +33,20 @@ class Work:
     future: Future = field(default_factory=Future)
     queued_at: float = field(default_factory=time.monotonic)
 
-    @property
-    def length(self) -> int:
-        return len(self.row) if isinstance(self.row, list) else 0
-
 
 class TowerBatcher:
     """One model thread for one tower; `submit` queues a request's rows and returns futures."""
 
     def __init__(
         self,
-        model,
-        tower: str,
+        pipeline: Pipeline,
         max_batch: int,
         max_wait_s: float,
         max_queue: int,
         observe: Callable[[str, int, float, float], None] = lambda *a: None,
     ) -> None:
-        self.model = model
-        self.tower = tower
+        self.pipeline = pipeline
+        self.tower = pipeline.tower.spec.name
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -61,10 +54,9 @@ class TowerBatcher:
         self._queue: queue.Queue[Work | None] = queue.Queue()
         self._admit = threading.Lock()
         self.last_progress = time.monotonic()
-        self._pad = (
-            int(model.manifest.towers["text"].extra["pad_token_id"]) if tower == "text" else 0
+        self._thread = threading.Thread(
+            target=self._loop, name=f"clipedge-{self.tower}", daemon=True
         )
-        self._thread = threading.Thread(target=self._loop, name=f"clipedge-{tower}", daemon=True)
         self._thread.start()
 
     @property
@@ -95,8 +87,8 @@ class TowerBatcher:
             return [], True
         taken, stop = [first], False
         deadline = time.monotonic() + self.max_wait_s
-        # Texts: take more than one batch when it is there, to group similar lengths.
-        limit = self.max_batch * (4 if self.tower == "text" and self.max_batch > 1 else 1)
+        # Take more than one batch when it is there (texts: to group similar lengths).
+        limit = self.max_batch * (self.pipeline.tower.sort_window if self.max_batch > 1 else 1)
         while len(taken) < limit:
             timeout = deadline - time.monotonic()
             try:
@@ -113,29 +105,21 @@ class TowerBatcher:
         while True:
             taken, stop = self._take()
             live = [w for w in taken if w.future.set_running_or_notify_cancel()]
-            live.sort(key=lambda w: w.length)
+            rows = [w.row for w in live]
+            live = [live[i] for i in self.pipeline.tower.batch_order(rows, range(len(live)))]
             for start in range(0, len(live), self.max_batch):
                 self._run(live[start : start + self.max_batch])
             self.last_progress = time.monotonic()
             if stop:
                 return
 
-    def _feeds(self, work: list[Work]) -> dict[str, np.ndarray]:
-        if self.tower == "text":
-            return text_feeds([w.row for w in work], self._pad)
-        return image_feeds(np.stack([w.row for w in work]))
-
     def _run(self, work: list[Work]) -> None:
         started = time.monotonic()
         try:
-            batch = TowerBatch(self._feeds(work), list(range(len(work))))
-            vectors = self.model.finish(self.tower, batch, self.model.run(self.tower, batch), RAW)
-        except Exception as exc:
-            if len(work) == 1:
-                work[0].future.set_exception(exc)
-                return
-            for item in work:  # alone, each item meets only its own failure
-                self._run([item])
+            embedded = self.pipeline.run_rows([w.row for w in work], len(work), RAW)
+        except Exception as exc:  # a bug, not an item's fault: fail these requests, go on
+            for item in work:
+                item.future.set_exception(exc)
             return
         self._observe(
             self.tower,
@@ -143,5 +127,8 @@ class TowerBatcher:
             started - min(w.queued_at for w in work),
             time.monotonic() - started,
         )
-        for item, vector in zip(work, vectors, strict=True):
-            item.future.set_result(vector)
+        for item, vector, error in zip(work, embedded.vectors, embedded.errors, strict=True):
+            if error is None:
+                item.future.set_result(vector)
+            else:
+                item.future.set_exception(error)

@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from .settings import add_arguments, from_arguments
+from .settings import add_serve_arguments, settings_from_arguments
 
 
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from clipedge.bundle.manifest import BundleError
+    from .app import create_app
+    from .service import open_model
 
-    from .app import create_app, open_model
-
-    try:
-        settings = from_arguments(args)
-        model = open_model(settings)  # a bad bundle, precision or backend: fail before listening
-    except (BundleError, OSError, TypeError, ValueError) as exc:
-        print(f"clipedge serve: {exc}", file=sys.stderr)
-        return 2
+    settings = settings_from_arguments(args)
+    model = open_model(settings)  # a bad bundle, precision or backend: fail before listening
     logging.getLogger("clipedge").setLevel(logging.INFO)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     uvicorn.run(
@@ -39,5 +33,5 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "serve", help="run an embedding service with the Jina and OpenAI embeddings APIs"
     )
-    add_arguments(parser)
+    add_serve_arguments(parser)
     parser.set_defaults(handler=serve)

@@ -26,3 +26,19 @@ def encode(vector: np.ndarray, encoding: str) -> Any:
     if encoding == "binary":
         return (packed.astype(np.int16) - 128).astype(np.int8).tolist()
     raise ValueError(f"unknown encoding {encoding!r}; choose from {ENCODINGS}")
+
+
+def response_body(model_name: str, request: Any, vectors: np.ndarray, usage: int) -> dict:
+    """The embeddings response both APIs read: one entry per item, in request order, in the
+    encoding(s) asked for (an object keyed by encoding when several were)."""
+    data = []
+    for index, vector in enumerate(vectors):
+        encoded = {name: encode(vector, name) for name in request.encodings}
+        embedding = encoded if request.keyed else encoded[request.encodings[0]]
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    return {
+        "model": model_name,
+        "object": "list",
+        "data": data,
+        "usage": {"total_tokens": usage, "prompt_tokens": usage},
+    }

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from clipedge.errors import ClipEdgeError, EngineLimitError, InputError, OptionError
+
 ERROR_TYPES = {
     400: "invalid_request_error",
+    405: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
     413: "invalid_request_error",
@@ -44,3 +47,16 @@ class ApiError(Exception):
             },
             "detail": self.message,
         }
+
+
+def api_error(exc: ClipEdgeError, index: int | None = None) -> ApiError:
+    """The one mapping from clipedge's errors to HTTP: a bad option or item is the client's
+    (400; 413 for an item larger than the engine takes), a bundle or engine failure the
+    server's (500). `index` re-bases an item's error on the request's own numbering."""
+    reason = getattr(exc, "reason", None)
+    message = str(exc) if index is None or reason is None else f"item {index}: {reason}"
+    if isinstance(exc, InputError):
+        return ApiError(413 if isinstance(exc, EngineLimitError) else 400, message, "input")
+    if isinstance(exc, OptionError):
+        return ApiError(400, message)
+    return ApiError(500, message)

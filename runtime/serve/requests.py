@@ -18,12 +18,13 @@ from .encodings import ENCODINGS
 from .errors import ApiError
 from .settings import ServeSettings
 
-KINDS = ("text", "image", "tokens")
+# Item kinds (what a client sent), not tower names: token ids go to the text tower too.
+TEXT_ITEM, IMAGE, TOKENS = "text", "image", "tokens"
 
 
 @dataclass(frozen=True)
 class Item:
-    """One input: `kind` text (str), image (URL, data URI or bytes) or tokens (ids)."""
+    """One input: `kind` TEXT_ITEM (str), IMAGE (URL, data URI or bytes) or TOKENS (ids)."""
 
     kind: str
     value: Any
@@ -57,21 +58,36 @@ def _base64(value: Any, index: int) -> bytes:
         raise ApiError(400, f"item {index}: not valid base64 ({exc})", "input") from None
 
 
+# The Jina API's item objects: {key: value} -> the item.
+OBJECT_ITEMS = {
+    "text": lambda value, index: Item(TEXT_ITEM, _text(value, index)),
+    "image": lambda value, index: Item(IMAGE, _image_value(value, index)),
+    "url": lambda value, index: Item(IMAGE, _url(value, index)),
+    "bytes": lambda value, index: Item(IMAGE, _base64(value, index)),
+}
+
+
+def _text(value: Any, index: int) -> str:
+    if not isinstance(value, str):
+        raise ApiError(400, f"item {index}: text must be a string", "input")
+    return value
+
+
+def _url(value: Any, index: int) -> str:
+    if not isinstance(value, str):
+        raise ApiError(400, f"item {index}: url must be a string", "input")
+    return value
+
+
 def _item(raw: Any, index: int) -> Item:
     if isinstance(raw, str):
-        return Item("text", raw)
+        return Item(TEXT_ITEM, raw)
     if isinstance(raw, list) and raw and all(type(x) is int for x in raw):
-        return Item("tokens", raw)
+        return Item(TOKENS, raw)
     if isinstance(raw, dict) and len(raw) == 1:
         ((key, value),) = raw.items()
-        if key == "text" and isinstance(value, str):
-            return Item("text", value)
-        if key == "image":
-            return Item("image", _image_value(value, index))
-        if key == "url" and isinstance(value, str):
-            return Item("image", value)
-        if key == "bytes":
-            return Item("image", _base64(value, index))
+        if key in OBJECT_ITEMS:
+            return OBJECT_ITEMS[key](value, index)
     raise ApiError(
         400,
         f"item {index}: expected a string, a list of token ids, or one of {{'text'}}, "
@@ -93,9 +109,9 @@ def _items(raw: Any, settings: ServeSettings) -> list[Item]:
         )
     items = [_item(value, index) for index, value in enumerate(raw)]
     for index, item in enumerate(items):
-        if item.kind == "text" and not item.value:
+        if item.kind == TEXT_ITEM and not item.value:
             raise ApiError(400, f"item {index}: empty string", "input")
-        if item.kind == "text" and len(item.value) > settings.max_text_chars:
+        if item.kind == TEXT_ITEM and len(item.value) > settings.max_text_chars:
             raise ApiError(
                 413,
                 f"item {index}: {len(item.value)} characters exceed the limit of "

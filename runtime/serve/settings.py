@@ -1,4 +1,9 @@
-"""Server settings: every `clipedge serve` flag, also read from `CLIPEDGE_<FLAG>` variables."""
+"""Server settings: every `clipedge serve` flag, also read from `CLIPEDGE_<FLAG>` variables.
+
+The input limits (max length, image pixels, URL policy, checksums, threads) are the one
+`clipedge.Options` the library and the batch tool use too; only what is the server's own
+(address, batching, queue, request size and time) is defined here.
+"""
 
 from __future__ import annotations
 
@@ -7,71 +12,64 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from clipedge.errors import OptionError
+from clipedge.options import Options, add_arguments, from_arguments
+
+ENV_PREFIX = "CLIPEDGE_"
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
 
 @dataclass(frozen=True)
 class ServeSettings:
     """What the server runs and the limits it keeps. Times in seconds unless named _ms."""
 
     bundle: str
-    host: str = "127.0.0.1"
-    port: int = 8000
-    backend: str = "auto"
-    precision: str | None = None
-    model_name: str = "jina-clip-v2"
-    max_batch_size: int = 32
-    max_wait_ms: float = 0.0
-    max_queue: int = 1024
-    max_inputs: int = 512
-    max_length: int = 8192
-    max_text_chars: int = 200_000
-    max_body_bytes: int = 64 * 1024 * 1024
-    api_key: str | None = field(default=None, repr=False)
-    allow_urls: bool = False
-    allow_private_urls: bool = False
-    url_timeout: float = 10.0
-    request_timeout: float = 60.0
-    prepare_workers: int = 8
-    threads: int | None = None
+    host: str = field(default="127.0.0.1", metadata=_help("address to listen on"))
+    port: int = field(default=8000, metadata=_help("port to listen on"))
+    backend: str = field(default="auto", metadata=_help("auto, cpu, cuda, tensorrt, openvino"))
+    precision: str | None = field(default=None, metadata=_help("a precision of the bundle"))
+    model_name: str = field(default="jina-clip-v2", metadata=_help("the model name served"))
+    max_batch_size: int = field(default=32, metadata=_help("items per model run"))
+    max_wait_ms: float = field(default=0.0, metadata=_help("wait for more items to batch"))
+    max_queue: int = field(default=1024, metadata=_help("items waiting per tower"))
+    max_inputs: int = field(default=512, metadata=_help("items per request"))
+    max_text_chars: int = field(default=200_000, metadata=_help("characters per text"))
+    max_body_bytes: int = field(default=64 * 1024 * 1024, metadata=_help("request body size"))
+    api_key: str | None = field(default=None, repr=False, metadata=_help("Bearer key"))
+    request_timeout: float = field(default=60.0, metadata=_help("seconds per request"))
+    options: Options = field(default_factory=lambda: Options(allow_files=False))
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue", "max_inputs", "max_length", "prepare_workers"):
+        for name in ("max_batch_size", "max_queue", "max_inputs", "max_text_chars"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+                raise OptionError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.port < 65536:
+            raise OptionError(f"port must be in [1, 65535], got {self.port}")
         if self.max_wait_ms < 0 or self.request_timeout <= 0:
-            raise ValueError("max_wait_ms must be >= 0 and request_timeout > 0")
-
-
-def env_name(name: str) -> str:
-    return "CLIPEDGE_" + name.upper()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting; each default comes from its environment variable if set."""
-    parser.add_argument("bundle", nargs="?", default=os.environ.get(env_name("bundle")))
-    for item in dataclasses.fields(ServeSettings):
-        if item.name == "bundle":
-            continue
-        flag = "--" + item.name.replace("_", "-")
-        env = os.environ.get(env_name(item.name))
-        if item.type == "bool":
-            default = env.lower() in ("1", "true", "yes") if env is not None else item.default
-            parser.add_argument(
-                flag, action="store_true", default=default, help=f"${env_name(item.name)}"
+            raise OptionError("max_wait_ms must be >= 0 and request_timeout > 0")
+        if self.max_inputs > self.max_queue:
+            raise OptionError(
+                f"max_inputs ({self.max_inputs}) must not exceed max_queue ({self.max_queue}): "
+                "a full-size request could never be queued"
             )
-            continue
-        kind = {"int": int, "float": float}.get(str(item.type).split(" |")[0], str)
-        default = kind(env) if env is not None else item.default
-        parser.add_argument(
-            flag,
-            type=kind,
-            default=default,
-            help=f"${env_name(item.name)} (default {item.default})",
-        )
+        if self.options.allow_files:
+            # A client must never make the server read its own disk.
+            object.__setattr__(self, "options", self.options.replace(allow_files=False))
 
 
-def from_arguments(args: argparse.Namespace) -> ServeSettings:
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting and per shared option; defaults from `CLIPEDGE_<NAME>`."""
+    parser.add_argument("bundle", nargs="?", default=os.environ.get(ENV_PREFIX + "BUNDLE"))
+    add_arguments(parser, ServeSettings, ENV_PREFIX, skip=("bundle", "options"))
+    add_arguments(parser, Options, ENV_PREFIX, skip=("allow_files",))
+
+
+def settings_from_arguments(args: argparse.Namespace) -> ServeSettings:
     if not args.bundle:
-        raise ValueError(f"give the bundle directory (or set {env_name('bundle')})")
-    return ServeSettings(
-        **{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeSettings)}
-    )
+        raise OptionError(f"give the bundle directory (or set {ENV_PREFIX}BUNDLE)")
+    options = from_arguments(args, Options, allow_files=False)
+    fields = {f.name for f in dataclasses.fields(ServeSettings)} - {"options"}
+    return ServeSettings(**{name: getattr(args, name) for name in fields}, options=options)
