@@ -17,7 +17,7 @@ as a fraction of what this machine can do at all.
   them in the image tower); this one says what the kernels need, so the rest of a measured
   time is the glue between them (norms, activations, layout).
 
-    .venv/bin/python benchmarks/bench_floor.py --bundle /tmp/clipedge-bench/work/bundle \
+    .venv/bin/python -m benchmarks.floor --bundle /tmp/clipedge-bench/work/bundle \
         --out /tmp/clipedge-bench/floor.json [--measured /tmp/clipedge-bench/cpu.json]
 """
 
@@ -31,8 +31,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from machine import machine_info
 from onnx import TensorProto, helper
+
+from .common import write_json
+from .machine import machine_info
 
 CASES = {  # case -> (tower, input shapes)
     "image_1x512px": ("vision", {"pixel_values": [1, 3, 512, 512]}),
@@ -201,7 +203,7 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--measured", type=Path, help="bench_cpu.py JSON to set against")
+    parser.add_argument("--measured", type=Path, help="benchmarks.cpu JSON to set against")
     args = parser.parse_args()
 
     kernels = {
@@ -261,11 +263,11 @@ def main() -> None:
             "kernels_ops_per_s": kernels,
             "cases": rows,
         }
-        args.out.write_text(json.dumps(payload, indent=2) + "\n")
+        write_json(args.out, payload)
 
 
 def _best_measured(measured: dict, case: str) -> dict | None:
-    """Fastest engine of a bench_cpu.py run for `case` that kept cosine >= 0.99."""
+    """Fastest engine of a benchmarks.cpu run for `case` that kept cosine >= 0.99."""
     tower = CASES[case][0]
     best = None
     for engine, result in measured.get("engines", {}).items():
