@@ -1,14 +1,14 @@
 """The arithmetic floor of this CPU for each benchmark case: matrix work / peak matrix rate.
 
-Why: the speed goals were set on a CPU with AMX (4 int8 TOPS measured there); on another CPU
-the same graph has another floor. This measures the peak rate of the GEMM kernels the fast
+Why: the speed goals were set on a CPU with AMX; on another CPU the same graph has another
+floor. This measures the peak rate of the GEMM kernels the fast
 paths use, on this machine and thread count, and counts the multiply-adds of every
 MatMul/Gemm/Conv of the bundle's graphs at each case's shapes, so a measured time can be read
 as a fraction of what this machine can do at all.
 
 - int8 peak: the faster of onnxruntime `MatMulInteger` (u8 x s8, the MLAS kernel behind
   dynamic int8) and OpenVINO's int8 FullyConnected (oneDNN). They differ: on a Xeon with AMX
-  (2026-11-29) MLAS ran at 0.98 TOPS (VNNI) and OpenVINO's AMX kernel at 1.18 TOPS.
+  MLAS runs VNNI kernels and OpenVINO AMX ones (docs/benchmarks.md).
 - also reported: OpenVINO's bf16 kernel (the rate of the parts kept in bf16), fp32 MatMul.
 - a second floor counts attention as the kernel that runs it rather than as matrix work:
   weight products at the int8 peak plus, per layer, OpenVINO's fused attention (both
