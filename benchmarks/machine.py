@@ -40,3 +40,12 @@ def machine_info(threads: int | None = None, packages: tuple[str, ...] = PACKAGE
         "python": platform.python_version(),
         "versions": versions,
     }
+
+
+def describe(machine: dict) -> str:
+    """One line for a report: CPU, cores, threads, matrix instructions and package versions."""
+    return (
+        f"CPU: {machine['cpu']}, {machine['cores']} cores, {machine['threads_used']} threads, "
+        f"matrix ISA: {', '.join(machine['matrix_isa']) or 'none'}; "
+        + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
+    )

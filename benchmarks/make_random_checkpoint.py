@@ -10,7 +10,7 @@ Tensors are generated one at a time (a seeded `torch.Generator`) and streamed st
 the safetensors file, so peak memory is about one fp32 temporary of the largest tensor
 (the 250002 x 1024 word embedding, ~1 GB), not the whole ~1.7 GB file.
 
-    python benchmarks/make_random_checkpoint.py /tmp/clipedge-bench/checkpoint --seed 0
+    python -m benchmarks.make_random_checkpoint /tmp/clipedge-bench/checkpoint --seed 0
 """
 
 from __future__ import annotations

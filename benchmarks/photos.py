@@ -7,7 +7,7 @@ and split by *source picture*, so no held-out crop shares a picture with a calib
 Crops of one picture are correlated: this set is wider than its source count, not a
 substitute for the user's own photos.
 
-    .venv/bin/python benchmarks/photos.py /tmp/photos   # -> /tmp/photos/{calibration,held-out}
+    .venv/bin/python -m benchmarks.photos /tmp/photos # -> /tmp/photos/{calibration,held-out}
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from, and from there to the PyTorch module scope the exporter recorded (`blocks.
 so time is summed per layer kind (`attn.qkv`, `attn` = score and context products,
 `attn.proj`, `mlp.w12`, `mlp.w3`, `norm`, ...).
 
-    .venv/bin/python benchmarks/profile_openvino.py --graph BUNDLE/vision.int8-ov.xml \
+    .venv/bin/python -m benchmarks.profile_openvino --graph BUNDLE/vision.int8-ov.xml \
         --fp32 BUNDLE/vision.onnx [--runs 5] [--threads 2] [--json out.json]
 """
 

@@ -11,10 +11,10 @@ onnxruntime forms (`quantize_cpu`), because they hit different CPU kernels:
   (activation x activation) lose accuracy and speed when quantised, so they stay float.
 - "qoperator": the same choice of nodes written as QLinearMatMul operators.
 
-On the full-size towers (`benchmarks/bench_cpu.py`, 2 Zen 4 cores, VNNI, no AMX) "dynamic" wins:
-image 2.6 s, 8x32 text 0.30 s, cosine >= 0.993. The static forms were slower (image 3.9-6.1 s,
-8x32 text 0.64-0.89 s), reached only 0.98-0.99 cosine on the image and took ~20 GB to
-calibrate the vision tower (onnxruntime records every MatMul tensor, attention maps included).
+On the full-size towers (`python -m benchmarks.cpu`) "dynamic" is the fastest and the most
+accurate form; the static forms were slower, less accurate on the image and costly to calibrate
+(onnxruntime records every MatMul tensor, attention maps included). Figures:
+docs/benchmarks.md.
 
 The OpenVINO form (`int8-ov`) is NNCF's, in `openvino_int8.py`.
 

@@ -8,7 +8,7 @@ Every text is used twice, plain and with each task instruction (query prompts), 
 forms reach the text tower in production; and passages joined from the texts, up to the
 512-token default length, stand in for documents, so that calibration ranges and the held-out
 accuracy report cover long inputs too (captions alone are short: they hid an int8 attention
-drift that only 512-token inputs showed, cosine 0.990).
+drift that only 512-token inputs showed).
 """
 
 from __future__ import annotations

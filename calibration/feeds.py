@@ -14,8 +14,8 @@ class RowFeedReader(CalibrationDataReader):
     """Calibration feeds one row at a time, readable in ranges.
 
     onnxruntime's calibrators record every calibrated tensor of one `get_next` (attention maps
-    included: one full-size 512 px image is ~5 GB) until it is folded into ranges or
-    histograms; holding whole batches took either full-size tower past 21 GB. Rows never
+    included) until it is folded into ranges or histograms, so whole batches took the
+    full-size towers out of memory (docs/benchmarks.md). Rows never
     interact in these towers, so one-row feeds give the batches' ranges at a batch-size
     fraction of the memory, and `set_range` lets `quantize_static` fold them in one by one
     (`CalibStridedMinMax`).

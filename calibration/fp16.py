@@ -4,7 +4,7 @@ TensorRT 11 (and TensorRT 10 with strong typing) takes each layer's precision fr
 tensor types, so the graph itself must say which parts stay fp32. The conversion is
 onnxruntime's `convert_float_to_float16` with fp32 graph inputs and outputs; ops in
 `keep_fp32_ops` and the pooling head after the last transformer block stay fp32 (see
-`DEFAULT_FP32_OPS` for what was measured). Two clean-ups make the result fit for TensorRT:
+`DEFAULT_FP32_OPS` for why). Two clean-ups make the result fit for TensorRT:
 the fp32 -> fp16 -> fp32 Cast pairs that the converter leaves between neighbouring fp32 nodes
 are removed (they would round fp32 tensors through fp16), and the nodes are put back in
 topological order (the converter appends its Casts at the end of the node list).
@@ -31,20 +31,13 @@ from .feeds import Feed
 from .graph_io import elem_types, load_typed, save_model
 from .tensor_stats import tensor_stats
 
-# Decided by measurement (1 - cosine to fp32, mean / max over calibration feeds; tiny model,
-# then the full-size random towers on 36 texts x 2 prompts and 18 photos):
-#                       text tiny          vision tiny        text full          vision full
-#   all fp16            2.7e-7 / 4.8e-7    9.7e-7 / 2.8e-6    3.9e-7 / 5.2e-7    4.5e-7 / 1.1e-6
-#   LayerNorm fp32      6.9e-8 / 1.2e-7    7.2e-7 / 3.5e-6    3.8e-7 / 5.1e-7    2.3e-7 / 7.8e-7 *
-#   Softmax fp32        2.7e-7 / 4.8e-7    9.7e-7 / 2.8e-6    3.9e-7 / 5.3e-7    4.5e-7 / 1.1e-6
-#   GELU's Erf fp32     2.7e-7 / 4.8e-7         -             3.9e-7 / 5.2e-7         -
-#   residual Adds fp32  2.8e-7 / 4.6e-7         -             4.9e-7 / 1.1e-6    9.6e-7 / 1.8e-6
-# (* with the head fp32). LayerNorm is the one that pays: its input is the un-normalised sum
-# of the residual stream, the widest-ranging tensor of a block (and TensorRT's maintainers
-# name LayerNorm as where transformers overflow in fp16, NVIDIA/TensorRT#2564); its weights
-# stay fp32 at no cost. Softmax and Erf gain nothing; fp32 residual Adds alone are worse (an
-# extra fp16 rounding between the Add and an fp16 LayerNorm). The pooling head is kept fp32
-# separately (`keep_fp32_head`, see `head_nodes`).
+# Decided by measurement (docs/benchmarks.md, "fp16: which ops stay fp32"): LayerNorm is the one
+# that pays: its input is the un-normalised sum of the residual stream, the widest-ranging
+# tensor of a block (and TensorRT's maintainers name LayerNorm as where transformers overflow
+# in fp16, NVIDIA/TensorRT#2564); its weights stay fp32 at no cost. Softmax and Erf gain
+# nothing; fp32 residual Adds alone are worse (an extra fp16 rounding between the Add and an
+# fp16 LayerNorm). The pooling head is kept fp32 separately (`keep_fp32_head`, see
+# `head_nodes`).
 DEFAULT_FP32_OPS: tuple[str, ...] = ("LayerNormalization",)
 
 

@@ -8,15 +8,14 @@
   Adds read and write float (`bypass_qdq_for_float_ops`);
 - the attention MatMuls (q.k^T and softmax.v: two activations) stay float by default. With
   int8 on both inputs (`attention_int8=True`, the pattern TensorRT's fused int8 attention
-  needs) short inputs were as good (full-size random towers, held-out captions: text 0.99897
-  vs 0.99898), but a 512-token text fell to cosine 0.98975 against 0.99996 float (tiny
-  tower): one per-tensor int8 scale for softmax probabilities spread over 512 keys rounds
-  most of them to zero. Found running the int8 graph on a GPU;
+  needs) short inputs were as good, but a 512-token text lost accuracy: one per-tensor int8
+  scale for softmax probabilities spread over 512 keys rounds most of them to zero (found
+  running the int8 graph on a GPU; figures in docs/benchmarks.md);
 - `weight_only_nodes` (the precision passes the vision MLP output projections) keep int8
   per-channel weights behind a DequantizeLinear but read their input in float: the one
-  activation one int8 scale could not hold (full-size vision, min cosine 0.98865 -> 0.99447,
-  size unchanged). TensorRT documents fused weight-only GEMMs for INT4 only, so it runs these
-  24 products in float from the de-quantized weights;
+  activation one int8 scale could not hold (size unchanged). TensorRT documents fused
+  weight-only GEMMs for INT4 only, so it runs these 24 products in float from the
+  de-quantized weights;
 - biases stay float (`QuantizeBias` off): TensorRT adds a float bias in the GEMM epilogue,
   and onnx-tensorrt documents DequantizeLinear for int8 inputs only (not int32 biases);
 - the pooling head after the last block (the text tower's masked-mean MatMul) stays float:
@@ -27,18 +26,15 @@ text tower; on the vision tower its optimiser drops the node scope metadata that
 (tiny vision tower: the same cosine to six digits).
 
 Calibration methods are onnxruntime's: "max" (MinMax), "entropy" and "percentile"
-(histograms). Measured on the full-size random towers (8 images / 16 texts with their query
-forms calibrating, 6 images / 24 texts held out, min cosine): text 0.99897 / 0.87589 /
-0.99844, vision 0.98754 / 0.98829 / 0.99108. onnxruntime's entropy uses 128 bins, which is
-too coarse here. The histogram methods hold every calibrated tensor of one sample at once
-(~9 GB for a full-size 512 px image: peak RSS ~21 GB); "max" runs through `tensor_stats`
-(`save_max_ranges`: peak 7.3 GB), so prefer it where memory is short and let the block
-fallback search make up its accuracy.
+(histograms). onnxruntime's entropy uses 128 bins, too coarse for the text tower. The
+histogram methods hold every calibrated tensor of one sample at once; "max" runs through
+`tensor_stats` (`save_max_ranges`) at a third of their memory, so prefer it where memory is
+short and let the block fallback search make up its accuracy (figures: docs/benchmarks.md).
 
 The text tower's word embedding (250002 x 1024, ~1 GB, 46% of the fp32 text graph) is not a
 MatMul weight; `quantize_embedding_rows` stores it as int8 rows with one fp32 scale per row,
 de-quantised after the lookup. Embedding and Q/DQ together bring both towers to about a
-quarter of their fp32 size (full size: text 25.3%, vision 25.7%).
+quarter of their fp32 size.
 """
 
 from __future__ import annotations
@@ -223,8 +219,8 @@ def save_max_ranges(graph: Path, feeds: Sequence[Feed], path: Path) -> Path:
 
     onnxruntime's MinMax calibrator computes the same ranges, but appends its ReduceMin/Max
     nodes at the end of the graph, so every intermediate of a sample stays alive until they
-    run: it was killed at 20 GB on the full-size vision tower. `tensor_stats` reduces each
-    tensor next to its producer (7 GB with 4-image batches).
+    run (out of memory on the full-size vision tower). `tensor_stats` reduces each tensor next
+    to its producer.
     """
     ranges = {}
     for name, stats in tensor_stats(graph, feeds).items():

@@ -5,13 +5,14 @@ calibration sample), and a mixed-precision search needs many variants. So the to
 quantised once, every MatMul int8, and each variant is made from that model by bypassing the
 activation FakeQuantize nodes in front of the layers that should stay float: those layers
 then read bf16 (the inference precision) activations and keep their int8 weights, the form
-that kept accuracy for the vision MLP output projections (README). A variant takes a clone
+that kept accuracy for the vision MLP output projections. A variant takes a clone
 and a graph walk, not a new NNCF run.
 
 What was tried on the full-size vision tower, kept or not, with cosine and time per variant
-and where the time goes: README, "The image tower at int8". In short: attention stays bf16
-(int8 was no faster and less accurate); the MLP output projections are int8 like the rest
-(bf16 inputs cost 16 % on AMX for +0.002 cosine); blocks the search keeps float read bf16.
+and where the time goes: docs/benchmarks.md, "The image tower at int8". In short: attention
+stays bf16 (int8 was no faster and less accurate); the MLP output projections are int8 like
+the rest (bf16 inputs cost time on AMX for little accuracy); blocks the search keeps float
+read bf16.
 """
 
 from __future__ import annotations
@@ -63,9 +64,9 @@ def quantize_all(src: Path, feeds: Sequence[dict[str, np.ndarray]]) -> Any:
     """The fp32 graph `src` with every MatMul int8 (NNCF, TRANSFORMER preset), in memory.
 
     Asymmetric activations, per-channel symmetric weights, fast bias correction; SmoothQuant
-    off (NNCF's default 0.95 took the tiny tower from cosine 0.998 to 0.975). Activation
-    ranges: NNCF's default (mean of the per-sample min/max); global MINMAX helped odd pictures
-    and cost ordinary photos more (full-size image 0.98056 vs 0.98646 held out, README).
+    off (NNCF's default 0.95 cost accuracy). Activation ranges: NNCF's default (mean of the
+    per-sample min/max); global MINMAX helped odd pictures and cost ordinary photos more
+    (docs/benchmarks.md).
     """
     import nncf
     import openvino as ov

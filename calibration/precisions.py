@@ -3,9 +3,9 @@
 - `fp16`: for GPUs and as TensorRT 11's FP16 input; fp32 inputs/outputs, sensitive ops fp32.
 - `int8`: Q/DQ graph for TensorRT and GPU execution providers (calibrated activation scales,
   per-channel weights, embedding table int8 per row).
-- `int8-cpu`: the onnxruntime CPU int8 form that measured fastest at cosine >= 0.99 here.
+- `int8-cpu`: the onnxruntime CPU int8 form that measured fastest at cosine >= 0.99.
 - `int8-ov`: NNCF int8 as OpenVINO IR (`.xml` + `.bin`), the fastest CPU path measured on
-  x86 (`benchmarks/bench_cpu.py`); needs the `nncf` extra to build and OpenVINO to run.
+  x86 (`python -m benchmarks.cpu`); needs the `nncf` extra to build and OpenVINO to run.
 """
 
 from __future__ import annotations
@@ -62,10 +62,9 @@ def _fp16(src: Path, feeds: Sequence[Feed], method: str) -> Converter:
 
 
 # Modules whose input activations one int8 scale cannot hold: the vision MLP's output
-# projection (SwiGLU w3, after its sub-LayerNorm). Full-size vision tower, 6 held-out images,
-# min cosine to fp32: Q/DQ `max` 0.98865 -> 0.99447 with these weight-only int8 (size still
-# 25.7 %; 0.99531 with them float, 42 %); OpenVINO int8 0.9902 -> 0.9925 with them weight-only
-# int8 (bf16 inputs; 0.9931 with them bf16 but 42 %, the same speed).
+# projection (SwiGLU w3, after its sub-LayerNorm). Weight-only int8 there recovers most of the
+# accuracy at int8 size; float weights would cost 42 % of fp32 for little more (figures:
+# docs/benchmarks.md).
 SENSITIVE_SCOPES = ("mlp.w3",)
 
 
@@ -89,7 +88,7 @@ def _int8_qdq(src: Path, feeds: Sequence[Feed], method: str) -> Converter:
     )
 
 
-# The onnxruntime CPU form that measured fastest at cosine >= 0.99 (benchmarks/bench_cpu.py).
+# The onnxruntime CPU form that measured fastest at cosine >= 0.99 (python -m benchmarks.cpu).
 CPU_INT8_MODE = "dynamic"
 
 
@@ -107,8 +106,8 @@ def _int8_openvino(src: Path, feeds: Sequence[Feed], method: str) -> Converter:
 
     # NNCF runs once, on the first call; every variant the search asks for is derived from it.
     quantized = functools.cache(lambda: quantize_all(src, feeds))
-    # Attention stays bf16: int8 attention was no faster on the full-size image (1762 vs 1802
-    # ms side by side) and less accurate (min cosine 0.916 vs 0.947 over 55 held-out crops).
+    # Attention stays bf16: int8 attention was no faster on the full-size image and less
+    # accurate (docs/benchmarks.md, "The image tower at int8").
     attention = attention_matmuls(src)
 
     def convert(keep_float: Sequence[str], dst: Path) -> Path:

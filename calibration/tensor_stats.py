@@ -48,8 +48,8 @@ def _instrument(model: onnx.ModelProto) -> dict[str, int]:
     the max of |x|. The sum is NaN or inf exactly when the tensor holds a NaN or inf.
 
     The nodes go right after the producer, so that a priority-based execution order reduces
-    and frees each tensor at once (measured: 12 chained 256 MB tensors peak at 0.56 GB,
-    3.4 GB otherwise). Returns the instrumented tensors with their declared element types.
+    and frees each tensor at once (docs/benchmarks.md has the measured peaks). Returns the
+    instrumented tensors with their declared element types.
     """
     graph = model.graph
     types = elem_types(model)

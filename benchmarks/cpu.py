@@ -11,7 +11,7 @@ calibration never saw.
 Each engine and tower runs in its own child process, one at a time, so memory stays that of
 one engine (< 12 GB) and a crash costs one row. Quantised graphs are built once into --work.
 
-    flock /tmp/clipedge-heavy.lock .venv/bin/python benchmarks/bench_cpu.py \
+    flock /tmp/clipedge-heavy.lock .venv/bin/python -m benchmarks.cpu \
         --bundle /tmp/clipedge-bench/work/bundle --checkpoint /tmp/clipedge-bench/checkpoint \
         --work /tmp/clipedge-bench/cpu --out /tmp/clipedge-bench/cpu.json
 """
@@ -24,19 +24,26 @@ import os
 import random
 import resource
 import shutil
-import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from machine import machine_info
 
-Feed = dict[str, np.ndarray]
-Runner = Callable[[Feed], np.ndarray]
+from .common import (
+    FIXTURE,
+    Feed,
+    Runner,
+    cosines,
+    median_ms,
+    run_module,
+    time_calls,
+    torch_inputs,
+    torch_tower,
+)
+from .machine import describe, machine_info
 
 CASES = {
     "image_1x512px": ("vision", 1, 0),
@@ -47,10 +54,10 @@ TOWER_CASES = {
     tower: [c for c, (t, _, _) in CASES.items() if t == tower] for tower in ("text", "vision")
 }
 GOAL_S = {"image_1x512px": 0.6, "text_8x32": 0.08, "text_1x512": 0.18}
-# bench_floor.py's floors: matrix work at the int8 peak; weights at the int8 peak and attention
+# benchmarks.floor's floors: matrix work at the int8 peak; weights at the int8 peak and attention
 # at the time of OpenVINO's fused attention kernel alone.
 FLOORS = {
-    "floor_int8_s": "int8 floor (bench_floor.py)",
+    "floor_int8_s": "int8 floor (benchmarks.floor)",
     "floor_kernels_s": "floor with attention's kernel",
 }
 ENGINES = {  # run in this order (the reference first), so a cut-short run has the key rows
@@ -72,9 +79,7 @@ RATE_RUNS = 2  # timed calls per batch size after one warm-up (a batch of 32 ima
 MIN_RUNS, MAX_RUNS, TIME_BUDGET_S = 5, 12, 30.0
 SLOW_MIN_RUNS = 2  # engines slower than TIME_BUDGET_S / MIN_RUNS per call
 
-FIXTURE_IMAGES = (
-    Path(__file__).resolve().parents[1] / "tests/fixtures/jina-clip-v2-tiny/expected/inputs"
-)
+FIXTURE_IMAGES = FIXTURE / "expected" / "inputs"
 CALIBRATION_IMAGES = [
     "coffee.png",
     "camera.png",
@@ -251,13 +256,9 @@ def load_engine(
 def _load_torch(engine: str, tower: str, args: argparse.Namespace) -> tuple[Runner, dict[str, Any]]:
     import torch
 
-    from clipedge.export.source import resolve_source
-    from clipedge.export.weights import load_towers
-
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    source = resolve_source(str(args.checkpoint))
-    module = load_towers(source.config, source.open_tensors(), [tower])[tower]
+    module = torch_tower(args.checkpoint, tower)
     info: dict[str, Any] = {
         "startup_s": time.perf_counter() - start,
         "provider": f"torch {torch.__version__}",
@@ -270,38 +271,17 @@ def _load_torch(engine: str, tower: str, args: argparse.Namespace) -> tuple[Runn
         module = torch.compile(module, dynamic=False)
 
     def run(feed: Feed) -> np.ndarray:
-        tensors = [torch.from_numpy(feed[name]) for name in sorted(feed, key=_input_order)]
+        tensors = [torch.from_numpy(array) for array in torch_inputs(feed)]
         with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
             return module(*tensors).float().numpy()
 
     return run, info
 
 
-def _input_order(name: str) -> int:
-    return ["input_ids", "attention_mask", "pixel_values"].index(name)
-
-
 def time_case(run: Runner, feed: Feed) -> dict[str, Any]:
     """First call (per-shape compile included), then a warm-up and the median of n runs."""
-    start = time.perf_counter()
-    run(feed)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    run(feed)
-    warm = time.perf_counter() - start
-    wanted = MIN_RUNS if warm * MIN_RUNS <= TIME_BUDGET_S else SLOW_MIN_RUNS
-    times: list[float] = []
-    budget_end = time.perf_counter() + TIME_BUDGET_S
-    while len(times) < wanted or (len(times) < MAX_RUNS and time.perf_counter() < budget_end):
-        start = time.perf_counter()
-        run(feed)
-        times.append(time.perf_counter() - start)
-    return {
-        "first_call_s": first,
-        "median_ms": 1000 * statistics.median(times),
-        "n": len(times),
-        "times_ms": [round(1000 * t, 2) for t in times],
-    }
+    timing, _ = time_calls(lambda: run(feed), MIN_RUNS, MAX_RUNS, TIME_BUDGET_S, SLOW_MIN_RUNS)
+    return timing
 
 
 def rate_feeds(bundle: Path, tower: str, images: list[Feed]) -> dict[int, Feed]:
@@ -329,25 +309,11 @@ def measure_rates(
         run, info = load_engine(engine, tower, args, mode)
         rates[mode] = {"streams": info.get("streams", 1)}
         for batch, feed in feeds.items():
-            run(feed)
-            times = []
-            for _ in range(RATE_RUNS if batch > 1 else MIN_RUNS):
-                start = time.perf_counter()
-                run(feed)
-                times.append(time.perf_counter() - start)
-            rates[mode][str(batch)] = {
-                "items_per_s": batch / statistics.median(times),
-                "median_ms": 1000 * statistics.median(times),
-                "n": len(times),
-            }
+            runs = RATE_RUNS if batch > 1 else MIN_RUNS
+            ms = median_ms(partial(run, feed), runs)
+            rates[mode][str(batch)] = {"items_per_s": 1000 * batch / ms, "median_ms": ms, "n": runs}
         del run
     return rates
-
-
-def cosines(outputs: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    outputs, reference = outputs.astype(np.float64), reference.astype(np.float64)
-    dots = (outputs * reference).sum(axis=1)
-    return dots / np.linalg.norm(outputs, axis=1) / np.linalg.norm(reference, axis=1)
 
 
 def run_child(args: argparse.Namespace) -> dict[str, Any]:
@@ -391,8 +357,6 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         for tower in args.towers:
             out = args.work / f"child-{engine}-{tower}.json"
             command = [
-                sys.executable,
-                __file__,
                 "--child",
                 "--engine",
                 engine,
@@ -412,7 +376,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             ]
             print(f"[{engine}] {tower} ...", flush=True)
             start = time.perf_counter()
-            proc = subprocess.run(command, capture_output=True, text=True)
+            proc = run_module(__spec__.name, command)
             if proc.returncode != 0:
                 killed = " (killed: out of memory?)" if proc.returncode == -9 else ""
                 tail = [f"exit status {proc.returncode}{killed}"]
@@ -455,12 +419,9 @@ def _cell_tower(result: dict[str, Any], tower: str, render: Callable[[dict[str, 
 
 
 def markdown(results: dict[str, Any], floor: dict | None = None) -> str:
-    """The engines table; `floor` (bench_floor.py JSON) adds this machine's int8 floor."""
-    machine = results["machine"]
+    """The engines table; `floor` (benchmarks.floor JSON) adds this machine's int8 floor."""
     lines = [
-        f"CPU: {machine['cpu']}, {machine['cores']} cores, {machine['threads_used']} threads, "
-        f"matrix ISA: {', '.join(machine['matrix_isa']) or 'none'}; "
-        + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v),
+        describe(results["machine"]),
         "",
         "| engine | image 1x512px ms | text 8x32 ms | text 1x512 ms | start-up s (text / vision) "
         "| first call s (per shape) | cosine text mean / min | cosine vision mean / min |",
@@ -532,7 +493,7 @@ def rates_markdown(results: dict[str, Any]) -> str:
 
 def render_charts(results: dict[str, Any], floor: dict | None, folder: Path) -> list[Path]:
     """One PNG per case: seconds per engine (cosine >= 0.99 only), the floors as lines."""
-    from charts import Line, bar_chart
+    from .charts import Line, bar_chart
 
     machine = results["machine"]
     subtitle = f"{machine['cpu']}, {machine['threads_used']} threads, batch as in the case"
@@ -573,7 +534,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="JSON results")
     parser.add_argument("--render", type=Path, help="print the table of an earlier --out and stop")
     parser.add_argument("--charts", type=Path, help="with --render: write PNG charts here")
-    parser.add_argument("--floor", type=Path, help="bench_floor.py JSON: the floor in charts")
+    parser.add_argument("--floor", type=Path, help="benchmarks.floor JSON: the floor in charts")
     parser.add_argument(
         "--rates", action="store_true", help=f"also items/s at batch {RATE_BATCHES} per mode"
     )

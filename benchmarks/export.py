@@ -11,7 +11,7 @@
     `--profile always`), both runs are profiled by op type, ORT session variants are timed, and
     the ORT-optimised graph is saved to count what fused.
 
-    python benchmarks/bench_export.py --checkpoint /tmp/clipedge-bench/checkpoint \
+    python -m benchmarks.export --checkpoint /tmp/clipedge-bench/checkpoint \
         --work /tmp/clipedge-bench/work --out /tmp/clipedge-bench/results.json
 """
 
@@ -38,7 +38,9 @@ from typing import Any
 
 import numpy as np
 import psutil
-from machine import machine_info
+
+from .common import cosines, write_json
+from .machine import machine_info
 
 GB = 1e9
 POLL_S = 0.2
@@ -277,13 +279,6 @@ def make_inputs(case: Case, vocab: int, image_size: int, seed: int = 0) -> dict[
 
 def rss_now() -> int:
     return psutil.Process().memory_info().rss
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    num = (a * b).sum(-1)
-    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    return float((num / den).min())
 
 
 def _eager_run(module: Any, args: list[Any]) -> np.ndarray:
@@ -532,9 +527,8 @@ def bench_tower(
         entry = result.cases[case.name]
         ratio = entry["eager"]["median_ms"] / entry["onnx"]["median_ms"]
         entry["ratio_eager_over_onnx"] = round(ratio, 3)
-        entry["cosine_eager_vs_onnx"] = _cosine(
-            outputs[case.name]["eager"], outputs[case.name]["onnx"]
-        )
+        scores = cosines(outputs[case.name]["eager"], outputs[case.name]["onnx"])
+        entry["cosine_eager_vs_onnx"] = float(scores.min())
         print(f"[ratio] {case.name}: eager/onnx {ratio:.2f}x", flush=True)
         if ratio < args.goal:
             below_goal.append(case)
@@ -780,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
         results["export"] = {**asdict(measured), "bundle_bytes": measured.bundle_bytes}
         if measured.returncode != 0:
             print(markdown(results))
-            args.out.write_text(json.dumps(results, indent=2) + "\n")
+            write_json(args.out, results)
             print(f"export failed (rc {measured.returncode})", file=sys.stderr)
             return 1
 
@@ -800,8 +794,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = markdown(results)
     print(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.out, results)
     args.out.with_suffix(".md").write_text(report)
     return 0
 

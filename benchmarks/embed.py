@@ -6,7 +6,7 @@ each `--workers` value, the plain loop (`model.encode_image(paths)` per batch, `
 the time a re-run takes to skip the finished shards, and each run's peak RSS (the process and
 its workers).
 
-Usage: python benchmarks/bench_embed.py --bundle DIR [--precision int8-cpu] [--count 64]
+Usage: python -m benchmarks.embed --bundle DIR [--precision int8-cpu] [--count 64]
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from charts import add_output_arguments, run_or_render
-from machine import machine_info
-from PIL import Image
+
+from .charts import add_output_arguments, run_or_render
+from .common import markdown_table, photo_like_pixels, save_jpeg
+from .machine import machine_info
 
 CHILD = """
 import json, resource, sys, time
@@ -58,12 +59,9 @@ print(json.dumps({"seconds": seconds, "images_per_s": len(paths) / seconds, "pea
 
 def photos(folder: Path, count: int) -> None:
     rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:848, 0:1280].astype(np.float32)
     for i in range(count):
-        base = np.stack([x / 1280, y / 848, (x + y) / 2128], axis=-1) * (150 + i % 100)
-        noise = rng.normal(0, 12, (848, 1280, 3))
-        image = np.clip(base + noise, 0, 255).astype(np.uint8)
-        Image.fromarray(image).save(folder / f"photo{i:05d}.jpg", quality=90)
+        pixels = photo_like_pixels(rng, brightness=150 + i % 100)
+        save_jpeg(pixels, folder / f"photo{i:05d}.jpg")
 
 
 def child(mode: str, args: argparse.Namespace, folder: Path, out: Path, workers: int) -> dict:
@@ -88,18 +86,23 @@ def print_table(results: dict) -> None:
     runs = results["runs"]
     model_rate = runs["model only"]["images_per_s"]
     print(f"{results['count']} images 1280x848, batch {results.get('batch_size', 8)}")
-    print("| run | s | images/s | vs model only | peak RSS GB |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, row in runs.items():
-        print(
-            f"| {name} | {row['seconds']:.2f} | {row['images_per_s']:.2f} | "
-            f"{row['images_per_s'] / model_rate:.0%} | {row['peak_kb'] / 1e6:.2f} |"
+    rows = [
+        (
+            name,
+            f"{row['seconds']:.2f}",
+            f"{row['images_per_s']:.2f}",
+            f"{row['images_per_s'] / model_rate:.0%}",
+            f"{row['peak_kb'] / 1e6:.2f}",
         )
+        for name, row in runs.items()
+    ]
+    header = ("run", "s", "images/s", "vs model only", "peak RSS GB")
+    print(markdown_table(header, rows, "lrrrr"))
 
 
 def render_charts(results: dict, folder: Path) -> list[Path]:
     """Images per second of each way to embed a folder, the model alone as the line."""
-    from charts import Line, bar_chart
+    from .charts import Line, bar_chart
 
     runs = {k: v for k, v in results["runs"].items() if not k.startswith("re-run")}
     model = Line(results["runs"]["model only"]["images_per_s"], "model only")

@@ -12,27 +12,23 @@ warm-up, items per second, the first call, and cosine to `ort-cuda` fp32 on the 
 
 Each engine runs in its own child process (a crash or an out-of-memory costs one row).
 
-    python benchmarks/bench_gpu.py --bundle BUNDLE --checkpoint CKPT --work /tmp/gpu \
-        --out /tmp/gpu/bench_gpu.json
+    python -m benchmarks.gpu --bundle BUNDLE --checkpoint CKPT --work /tmp/gpu \
+        --out /tmp/gpu/gpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from machine import machine_info
 
-Feed = dict[str, np.ndarray]
-Runner = Callable[[Feed], np.ndarray]
+from .common import Feed, Runner, cosines, run_module, time_calls, torch_inputs, torch_tower
+from .machine import machine_info
 
 ENGINES = {
     "ort-cuda": "onnxruntime CUDA execution provider (the cosine reference at fp32)",
@@ -115,21 +111,16 @@ def load(engine: str, tower: str, precision: str, args: argparse.Namespace) -> R
 def _load_torch(engine: str, tower: str, args: argparse.Namespace) -> Runner:
     import torch
 
-    from clipedge.export.source import resolve_source
-    from clipedge.export.weights import load_towers
-
     if args.checkpoint is None:
         raise LookupError("no --checkpoint for the PyTorch towers")
     if not torch.cuda.is_available():
         raise LookupError("torch has no CUDA here")
-    source = resolve_source(str(args.checkpoint))
-    module = load_towers(source.config, source.open_tensors(), [tower])[tower].cuda().eval()
+    module = torch_tower(args.checkpoint, tower).cuda().eval()
     if engine == "torch-compile-fp16":
         module = torch.compile(module)
 
     def run(feed: Feed) -> np.ndarray:
-        order = ["input_ids", "attention_mask", "pixel_values"]
-        tensors = [torch.from_numpy(feed[n]).cuda() for n in sorted(feed, key=order.index)]
+        tensors = [torch.from_numpy(array).cuda() for array in torch_inputs(feed)]
         with torch.inference_mode(), torch.autocast("cuda", torch.float16):
             out = module(*tensors).float().cpu().numpy()
         return out
@@ -137,26 +128,12 @@ def _load_torch(engine: str, tower: str, args: argparse.Namespace) -> Runner:
     return run
 
 
-def time_runs(run: Runner, feed: Feed) -> dict[str, Any]:
-    start = time.perf_counter()
-    output = run(feed)
-    first = time.perf_counter() - start
-    run(feed)
-    times: list[float] = []
-    end = time.perf_counter() + BUDGET_S
-    while len(times) < MIN_RUNS or (len(times) < MAX_RUNS and time.perf_counter() < end):
-        start = time.perf_counter()
-        run(feed)
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
+def time_runs(run: Runner, feed: Feed) -> tuple[dict[str, Any], np.ndarray]:
+    """Timing (with items per second) and the first call's output."""
+    timing, output = time_calls(lambda: run(feed), MIN_RUNS, MAX_RUNS, BUDGET_S)
     batch = next(iter(feed.values())).shape[0]
-    return {
-        "first_call_s": round(first, 3),
-        "median_ms": round(1000 * median, 3),
-        "items_per_s": round(batch / median, 1),
-        "n": len(times),
-        "output": output,
-    }
+    timing["items_per_s"] = round(1000 * batch / timing["median_ms"], 1)
+    return timing, output
 
 
 def run_child(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -180,8 +157,7 @@ def run_child(args: argparse.Namespace) -> list[dict[str, Any]]:
                 feed = clamp_vocab(args.bundle, feeds(args.bundle, tower, batch, args.text_length))
                 row: dict[str, Any] = {"tower": tower, "precision": precision, "batch": batch}
                 try:
-                    timing = time_runs(runner, feed)
-                    output = timing.pop("output")
+                    timing, output = time_runs(runner, feed)
                     np.save(args.work / f"{args.engine}-{tower}-{precision}-{batch}.npy", output)
                     row.update(timing)
                 except Exception as exc:  # e.g. out of memory at batch 32
@@ -195,10 +171,7 @@ def cosine_to_reference(work: Path, engine: str, row: dict[str, Any]) -> float |
     ref = work / f"ort-cuda-{row['tower']}-fp32-{row['batch']}.npy"
     if not ours.is_file() or not ref.is_file():
         return None
-    a, b = np.load(ours).astype(np.float64), np.load(ref).astype(np.float64)
-    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-    return round(float(cos.min()), 6)
+    return round(float(cosines(np.load(ours), np.load(ref)).min()), 6)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -257,9 +230,8 @@ def main(argv: list[str] | None = None) -> None:
         "engines": {},
     }
     for engine in args.engines.split(","):
-        command = [sys.executable, __file__, *sys.argv[1:], "--engine", engine]
         started = time.perf_counter()
-        child = subprocess.run(command, capture_output=True, text=True)
+        child = run_module(__spec__.name, [*sys.argv[1:], "--engine", engine])
         if child.returncode != 0 or not child.stdout.strip():
             results["engines"][engine] = [
                 {"tower": "-", "precision": "-", "skipped": child.stderr.strip()[-300:]}

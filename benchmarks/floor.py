@@ -1,14 +1,14 @@
 """The arithmetic floor of this CPU for each benchmark case: matrix work / peak matrix rate.
 
-Why: the speed goals were set on a CPU with AMX (4 int8 TOPS measured there); on another CPU
-the same graph has another floor. This measures the peak rate of the GEMM kernels the fast
+Why: the speed goals were set on a CPU with AMX; on another CPU the same graph has another
+floor. This measures the peak rate of the GEMM kernels the fast
 paths use, on this machine and thread count, and counts the multiply-adds of every
 MatMul/Gemm/Conv of the bundle's graphs at each case's shapes, so a measured time can be read
 as a fraction of what this machine can do at all.
 
 - int8 peak: the faster of onnxruntime `MatMulInteger` (u8 x s8, the MLAS kernel behind
   dynamic int8) and OpenVINO's int8 FullyConnected (oneDNN). They differ: on a Xeon with AMX
-  (2026-11-29) MLAS ran at 0.98 TOPS (VNNI) and OpenVINO's AMX kernel at 1.18 TOPS.
+  MLAS runs VNNI kernels and OpenVINO AMX ones (docs/benchmarks.md).
 - also reported: OpenVINO's bf16 kernel (the rate of the parts kept in bf16), fp32 MatMul.
 - a second floor counts attention as the kernel that runs it rather than as matrix work:
   weight products at the int8 peak plus, per layer, OpenVINO's fused attention (both
@@ -17,7 +17,7 @@ as a fraction of what this machine can do at all.
   them in the image tower); this one says what the kernels need, so the rest of a measured
   time is the glue between them (norms, activations, layout).
 
-    .venv/bin/python benchmarks/bench_floor.py --bundle /tmp/clipedge-bench/work/bundle \
+    .venv/bin/python -m benchmarks.floor --bundle /tmp/clipedge-bench/work/bundle \
         --out /tmp/clipedge-bench/floor.json [--measured /tmp/clipedge-bench/cpu.json]
 """
 
@@ -31,8 +31,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from machine import machine_info
 from onnx import TensorProto, helper
+
+from .common import write_json
+from .machine import machine_info
 
 CASES = {  # case -> (tower, input shapes)
     "image_1x512px": ("vision", {"pixel_values": [1, 3, 512, 512]}),
@@ -201,7 +203,7 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--measured", type=Path, help="bench_cpu.py JSON to set against")
+    parser.add_argument("--measured", type=Path, help="benchmarks.cpu JSON to set against")
     args = parser.parse_args()
 
     kernels = {
@@ -261,11 +263,11 @@ def main() -> None:
             "kernels_ops_per_s": kernels,
             "cases": rows,
         }
-        args.out.write_text(json.dumps(payload, indent=2) + "\n")
+        write_json(args.out, payload)
 
 
 def _best_measured(measured: dict, case: str) -> dict | None:
-    """Fastest engine of a bench_cpu.py run for `case` that kept cosine >= 0.99."""
+    """Fastest engine of a benchmarks.cpu run for `case` that kept cosine >= 0.99."""
     tower = CASES[case][0]
     best = None
     for engine, result in measured.get("engines", {}).items():

@@ -7,14 +7,13 @@ stage on one thread, end to end on one thread, and through a thread pool. Text:
 texts. Prints a markdown table and writes the figures as JSON to --out. The image path is
 checked bit for bit against a plain PIL resize-then-crop and float32 arithmetic before timing.
 
-    python benchmarks/bench_preprocess.py --out bench_preprocess.json
+    python -m benchmarks.preprocess --out preprocess.json
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -22,14 +21,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from machine import machine_info
 from PIL import Image, ImageDraw, ImageFilter
 
 from clipedge.inputs.images import ImagePreprocessor, load_image, preprocess_images
 from clipedge.inputs.text import TextTokenizer
 from clipedge.stages import text_feeds
 
-FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "jina-clip-v2-tiny"
+from .common import FIXTURE, markdown_table, write_json
+from .machine import machine_info
+
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 WORDS = (
@@ -198,13 +198,18 @@ def main() -> None:
     text_rows = bench_text(args)
     source = f"{args.skimage_photo or 'synthetic photo-like'} 1280x848 JPEG q90"
     print(f"{args.size}x{args.size} from a {source}; exact parity: {exact}\n")
-    print("| stage | ms/item | items/s | items/s, best round | items per CPU-second |")
-    print("|---|---:|---:|---:|---:|")
-    for row in image_rows + text_rows:
-        print(
-            f"| {row['stage']} | {row['ms_per_item']:.3f} | {row['items_per_s']:.1f} "
-            f"| {row['best_items_per_s']:.1f} | {row['items_per_cpu_s']:.1f} |"
+    rows = [
+        (
+            row["stage"],
+            f"{row['ms_per_item']:.3f}",
+            f"{row['items_per_s']:.1f}",
+            f"{row['best_items_per_s']:.1f}",
+            f"{row['items_per_cpu_s']:.1f}",
         )
+        for row in image_rows + text_rows
+    ]
+    header = ("stage", "ms/item", "items/s", "items/s, best round", "items per CPU-second")
+    print(markdown_table(header, rows, "lrrrr"))
     result = {
         "exact_parity": exact,
         "image_size": args.size,
@@ -214,7 +219,7 @@ def main() -> None:
         "tokenizer": str(args.tokenizer),
         "environment": machine_info(1, ("numpy", "PIL", "tokenizers")),
     }
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ Measured side by side in one run:
   graphs' bytes on disk;
 - the NaN/Inf check of the finish stage on each case's pooled output, against the model time.
 
-Usage: python benchmarks/bench_runtime.py --bundle DIR [--out results.json]
+Usage: python -m benchmarks.runtime --bundle DIR [--out results.json]
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from machine import machine_info
-from PIL import Image
+
+from .common import markdown_table, photo_like_pixels, save_jpeg, write_json
+from .machine import machine_info
 
 MEMORY_SCRIPT = """
 import json, sys, psutil
@@ -36,26 +37,6 @@ model.encode_text(["a photo of a cat"])
 model.encode_image([sys.argv[2]])
 print(json.dumps({"rss_before": before, "rss_after": psutil.Process().memory_info().rss}))
 """
-
-
-def photo_jpeg(path: Path, width: int = 1280, height: int = 848) -> Path:
-    """A deterministic photo-like JPEG (smooth gradients plus texture), quality 90."""
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([x / width, y / height, (x + y) / (width + height)], axis=-1) * 200
-    noise = rng.normal(0, 12, (height, width, 3))
-    Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(path, quality=90)
-    return path
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 class TimedSession:
@@ -149,7 +130,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        jpeg = photo_jpeg(Path(tmp) / "photo.jpg")
+        jpeg = save_jpeg(photo_like_pixels(np.random.default_rng(0)), Path(tmp) / "photo.jpg")
         results = {
             "machine": machine_info(2),
             "import_s": import_time(),
@@ -162,16 +143,21 @@ def main() -> None:
         f"loaded fp32 bundle: +{mem['rss_added_bytes'] / 1e9:.2f} GB RSS for "
         f"{mem['graph_bytes'] / 1e9:.2f} GB of graphs = {mem['ratio']:.2f}x (goal < 1.2x)"
     )
-    print("| case | end to end ms | model ms | overhead | NaN/Inf check |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, row in results["overhead"].items():
-        print(
-            f"| {name} | {row['end_to_end_ms']:.1f} | {row['model_ms']:.1f} | "
-            f"{row['overhead_share'] * 100:.2f}% | {row['nan_check_ms'] * 1000:.1f} us = "
-            f"{row['nan_check_ms'] / row['model_ms'] * 100:.4f}% |"
+    rows = [
+        (
+            name,
+            f"{row['end_to_end_ms']:.1f}",
+            f"{row['model_ms']:.1f}",
+            f"{row['overhead_share'] * 100:.2f}%",
+            f"{row['nan_check_ms'] * 1000:.1f} us = "
+            f"{row['nan_check_ms'] / row['model_ms'] * 100:.4f}%",
         )
+        for name, row in results["overhead"].items()
+    ]
+    header = ("case", "end to end ms", "model ms", "overhead", "NaN/Inf check")
+    print(markdown_table(header, rows, "lrrrr"))
     if args.out:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.out, results)
 
 
 if __name__ == "__main__":

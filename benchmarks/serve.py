@@ -8,7 +8,7 @@ p99 latency and requests per second; and the model's own time for one text (in-p
 the server overhead at one client is p50 minus that. The clients run on the same machine and
 take CPU from the servers: compare rows with each other, not with other machines.
 
-Usage: python benchmarks/bench_serve.py --bundle DIR [--precision int8-cpu] [--seconds 8]
+Usage: python -m benchmarks.serve --bundle DIR [--precision int8-cpu] [--seconds 8]
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ import time
 from pathlib import Path
 
 import requests
-from charts import add_output_arguments, run_or_render
-from machine import machine_info
+
+from .charts import add_output_arguments, run_or_render
+from .common import markdown_table, median_ms
+from .machine import machine_info
 
 TEXT = "a photo of a cat sitting on a red sofa"
 NAIVE_SERVER = """
@@ -126,30 +128,30 @@ def model_ms(bundle: Path, precision: str) -> float:
     import clipedge
 
     model = clipedge.load(bundle, backend="cpu", precision=precision or None)
-    model.encode_text([TEXT])
-    times = []
-    for _ in range(50):
-        started = time.perf_counter()
-        model.encode_text([TEXT])
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
+    return median_ms(lambda: model.encode_text([TEXT]), 50)
 
 
 def print_table(results: dict) -> None:
     print(f"model alone, one short text: {results['model_ms']:.1f} ms")
-    print("| server | clients | req/s | p50 ms | p99 ms | errors |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for kind, rows in results["servers"].items():
-        for row in rows:
-            print(
-                f"| {kind} | {row['clients']} | {row['rps']:.1f} | {row['p50_ms']:.1f} | "
-                f"{row['p99_ms']:.1f} | {row['errors']} |"
-            )
+    rows = [
+        (
+            kind,
+            r["clients"],
+            f"{r['rps']:.1f}",
+            f"{r['p50_ms']:.1f}",
+            f"{r['p99_ms']:.1f}",
+            r["errors"],
+        )
+        for kind, measured in results["servers"].items()
+        for r in measured
+    ]
+    header = ("server", "clients", "req/s", "p50 ms", "p99 ms", "errors")
+    print(markdown_table(header, rows, "lrrrrr"))
 
 
 def render_charts(results: dict, folder: Path) -> list[Path]:
     """Requests per second and p99 latency per server and client count, as PNG."""
-    from charts import bar_chart
+    from .charts import bar_chart
 
     rows = [
         (f"{kind}, {r['clients']} clients", r)
