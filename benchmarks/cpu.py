@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from clipedge.towers import TEXT, VISION
+
 from .common import (
     FIXTURE,
     Feed,
@@ -134,9 +136,10 @@ def _texts(rng: random.Random, count: int, words: int) -> list[str]:
 
 def _text_feed(model: Any, texts: list[str], length: int) -> Feed:
     """Texts cut to exactly `length` tokens (all are longer): shape [len(texts), length]."""
-    prepared = model.prepare_texts(texts, max_length=length)
-    assert all(n == length for n in prepared.token_counts), "a text is shorter than its case"
-    return next(model.text_batches(prepared, len(texts))).feeds
+    tower = model.tower(TEXT.name)
+    prepared = tower.prepare(texts, max_length=length)
+    assert all(len(ids) == length for ids in prepared.token_ids), "a text is shorter than its case"
+    return tower.feeds(prepared.token_ids)
 
 
 def case_inputs(bundle: Path) -> dict[str, list[Feed]]:
@@ -147,7 +150,9 @@ def case_inputs(bundle: Path) -> dict[str, list[Feed]]:
     rng = random.Random(1)
     images = _image_paths(EVAL_IMAGES) + [FIXTURE_IMAGES / "img3_large_1024x768.jpg"]
     return {
-        "image_1x512px": [{"pixel_values": model.prepare_images([p]).pixels} for p in images],
+        "image_1x512px": [
+            {"pixel_values": model.tower(VISION.name).prepare([p]).pixels} for p in images
+        ],
         "text_8x32": [_text_feed(model, _texts(rng, 8, 40), 32) for _ in range(3)],
         "text_1x512": [_text_feed(model, _texts(rng, 1, 600), 512) for _ in range(3)],
     }
@@ -159,7 +164,7 @@ def calibration_feeds(bundle: Path, tower: str) -> list[Feed]:
     from clipedge.calibration.data import image_feeds, text_feeds
 
     model = clipedge.load(bundle, backend="cpu")
-    if tower == "vision":
+    if tower == VISION.name:
         return list(image_feeds(model, _image_paths(CALIBRATION_IMAGES), batch_size=2))
     rng = random.Random(2)
     texts = [t for words in (8, 30, 120, 300) for t in _texts(rng, 4, words)]
@@ -288,7 +293,7 @@ def rate_feeds(bundle: Path, tower: str, images: list[Feed]) -> dict[int, Feed]:
     """Per batch size, held-out images (`images`, cycled) or 32-token texts, built once."""
     import clipedge
 
-    model = clipedge.load(bundle, backend="cpu") if tower == "text" else None
+    model = clipedge.load(bundle, backend="cpu") if tower == TEXT.name else None
     feeds = {}
     for batch in (1, *RATE_BATCHES):
         if model is None:

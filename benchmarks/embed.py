@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import clipedge
 from clipedge.embed.job import EmbedJob, embed
-from clipedge.stages import image_batches
 mode, bundle, folder, out, precision, workers, batch = sys.argv[1:8]
 paths = sorted(Path(folder).glob("*.jpg"))
 start = time.perf_counter()
@@ -44,12 +43,12 @@ elif mode == "loop":
         np.save(Path(out) / f"{i}.npy", model.encode_image(paths[i : i + int(batch)]))
 else:  # model only: pixels prepared before the clock starts
     model = clipedge.load(bundle, precision=precision or None)
-    prepared = model.prepare_images(paths)
+    prepared = model.tower("vision").prepare(paths)
     options = model.finish_options(None, True)
-    model.run("vision", next(image_batches(prepared, 1)))  # session created
+    pipeline = model.pipeline("vision")
+    pipeline.run_rows([prepared.row(0)], 1, options)  # session created
     start = time.perf_counter()
-    for b in image_batches(prepared, int(batch)):
-        model.finish("vision", b, model.run("vision", b), options)
+    pipeline.embed(prepared, int(batch), options)
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(
     resource.RUSAGE_CHILDREN).ru_maxrss

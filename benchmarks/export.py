@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import psutil
 
+from clipedge.towers import VISION
+
 from .common import cosines, write_json
 from .machine import machine_info
 
@@ -269,7 +271,7 @@ def time_interleaved(
 def make_inputs(case: Case, vocab: int, image_size: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random ids over the full vocabulary (`<s> ... </s>`, no padding) or a normalised image."""
     rng = np.random.default_rng(seed)
-    if case.tower == "vision":
+    if case.tower == VISION.name:
         pixels = rng.standard_normal((case.batch, 3, image_size, image_size), dtype=np.float32)
         return {"pixel_values": pixels}
     ids = rng.integers(3, vocab, size=(case.batch, case.length), dtype=np.int64)
@@ -481,9 +483,9 @@ def bench_tower(
     cfg = towers.config
     inputs = {c.name: make_inputs(c, cfg.text.vocab_size, cfg.vision.image_size) for c in cases}
     budget = {
-        c.name: args.image_budget_s if c.tower == "vision" else args.text_budget_s for c in cases
+        c.name: args.image_budget_s if c.tower == VISION.name else args.text_budget_s for c in cases
     }
-    runs = {c.name: args.image_runs if c.tower == "vision" else args.runs for c in cases}
+    runs = {c.name: args.image_runs if c.tower == VISION.name else args.runs for c in cases}
     groups = [["eager"], ["onnx"]] if args.sequential else [["eager", "onnx"]]
     outputs: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
     torch_profiles: dict[str, list[dict]] = {}

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from clipedge.towers import TEXT
+
 from .common import Feed, Runner, cosines, run_module, time_calls, torch_inputs, torch_tower
 from .machine import machine_info
 
@@ -46,11 +48,11 @@ def feeds(bundle: Path, tower: str, batch: int, length: int, seed: int = 0) -> F
 
     spec = read_manifest(bundle).towers[tower]
     rng = np.random.default_rng(seed + batch)
-    if tower == "text":
+    if tower == TEXT.name:
         ids = rng.integers(5, 250002, (batch, length)).astype(np.int64)
         ids[:, 0] = 0  # <s>
         return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    size = int(spec.extra["image_size"])
+    size = spec.settings.image_size
     return {"pixel_values": rng.standard_normal((batch, 3, size, size)).astype(np.float32)}
 
 

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from clipedge.inputs.images import ImagePreprocessor, load_image, preprocess_images
 from clipedge.inputs.text import TextTokenizer
-from clipedge.stages import text_feeds
+from clipedge.towers.text import text_feeds
 
 from .common import FIXTURE, markdown_table, write_json
 from .machine import machine_info
