@@ -29,11 +29,16 @@
 #                 after it are promised. A step that fails or times out does not stop the
 #                 rest; the exit status says whether any failed.
 #   BENCH         the benchmark, after $PYTHON (default: -m benchmarks.gpu)
-#   ENGINES       benchmark engines, each its own call (default: ort-cuda, then trt-native
+#   ENGINES       benchmark engines (default: ort-cuda, then trt-native
 #                 and ort-trt where TensorRT is installed, torch-eager-fp16,
 #                 torch-compile-fp16)
-#   BENCH_ARGS    extra benchmark options (default none: text and vision, batches 1,8,32,
-#                 texts of 128 tokens)
+#   CALIBRATION_IMAGES  images for the fp16 / int8 calibration (default: the 5 fixture
+#                 images; scripts/device/ carries 23 photographs). Texts: the fixture captions.
+#                 Always --allow-below-target (verify then judges each graph).
+#   CALIBRATION_SEARCH  1: per-block float fallback where int8 misses its target (default
+#                 for tiny), 0: --no-search, the whole tower int8 (default for full).
+#   TOWERS        benchmark towers, each its own call per engine (default: text vision)
+#   BENCH_ARGS    extra benchmark options (default none: batches 1,8,32, texts of 128 tokens)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"
@@ -50,9 +55,12 @@ read -r -a BENCH_EXTRA <<<"${BENCH_ARGS:-}"
 BUNDLE="${1:+$(realpath "$1")}"
 CHECKPOINT="${2:+$(realpath "$2")}"
 FIXTURE="$REPO/tests/fixtures/jina-clip-v2-tiny"
-CALIBRATION=(--calibration-images "$FIXTURE/expected/inputs"
-  --calibration-texts "$REPO/tests/fixtures/calibration/captions.jsonl"
-  --no-search --allow-below-target)
+CALIBRATION=(--calibration-images "${CALIBRATION_IMAGES:-$FIXTURE/expected/inputs}"
+  --calibration-texts "$REPO/tests/fixtures/calibration/captions.jsonl" --allow-below-target)
+# The per-block float fallback costs seconds on the tiny towers (whose vision int8 needs it)
+# and up to 14 min on the full-size ones (whose int8 passes whole): off for those.
+[ "${CALIBRATION_SEARCH:-$([ "$CHECKPOINT_SIZE" = full ] && echo 0 || echo 1)}" = 1 ] \
+  || CALIBRATION+=(--no-search)
 
 rm -rf "$WORK"
 mkdir -p "$WORK/logs" "$OUT"
@@ -186,8 +194,9 @@ summary
 
 step verify 150 90 "$PYTHON" -m clipedge.cli verify "$BUNDLE" --batch-size 8
 
-# The benchmark, one call per engine into one work folder (cosines against ort-cuda fp32);
-# GPU memory is then per engine. The summary merges them into bench_gpu.json / .md.
+# The benchmark, one call per engine and tower into one work folder (cosines against ort-cuda
+# fp32 of the same tower): a call cut short by its time guard loses only its own rows, and
+# the GPU memory is per engine and tower. The summary merges them into bench_gpu.json / .md.
 if [ -n "${ENGINES:-}" ]; then
   read -r -a engines <<<"${ENGINES//,/ }"
 elif [ "$HAVE_TRT" = 1 ]; then
@@ -195,12 +204,17 @@ elif [ "$HAVE_TRT" = 1 ]; then
 else
   engines=(ort-cuda torch-eager-fp16 torch-compile-fp16)
 fi
-for i in "${!engines[@]}"; do
-  engine="${engines[$i]}"
-  rest=$(((${#engines[@]} - i - 1) * 45)) # promised to each engine after this one
-  step "bench-$engine" 300 "$rest" "$PYTHON" "${BENCH_CMD[@]}" --bundle "$BUNDLE" \
+read -r -a towers <<<"${TOWERS:-text vision}"
+calls=()
+for engine in "${engines[@]}"; do
+  for tower in "${towers[@]}"; do calls+=("$engine:$tower"); done
+done
+for i in "${!calls[@]}"; do
+  engine="${calls[$i]%:*}" tower="${calls[$i]#*:}"
+  rest=$(((${#calls[@]} - i - 1) * 20)) # promised to each call after this one
+  step "bench-$engine-$tower" 300 "$rest" "$PYTHON" "${BENCH_CMD[@]}" --bundle "$BUNDLE" \
     ${CHECKPOINT:+--checkpoint "$CHECKPOINT"} --work "$WORK/bench" --engines "$engine" \
-    --out "$WORK/bench-$engine.json" "${BENCH_EXTRA[@]}"
+    --towers "$tower" --out "$WORK/bench-$engine-$tower.json" "${BENCH_EXTRA[@]}"
 done
 
 stop_sampler

@@ -20,4 +20,9 @@ fi
 export PYTHON="${PYTHON:-python3}" OUT="${OUT:?set OUT to the results folder}"
 export CHECKPOINT_SIZE="${CHECKPOINT_SIZE:-$size}" BUDGET_S="${BUDGET_S:-470}"
 export WORK="${WORK:-/tmp/clipedge-gpu-check}"
+# The carried photographs (fetch_ort_gpu.sh), for the int8 calibration and the GPU tests.
+if compgen -G ".device/photos/*.jpg" >/dev/null; then
+  export CALIBRATION_IMAGES="${CALIBRATION_IMAGES:-$PWD/.device/photos}"
+  export CLIPEDGE_TEST_PHOTOS="${CLIPEDGE_TEST_PHOTOS:-$PWD/.device/photos}"
+fi
 exec bash scripts/gpu_check.sh

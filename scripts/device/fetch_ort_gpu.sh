@@ -13,6 +13,10 @@
 #   meta/parts.tsv                          part, bytes, offset, sha256 (one line per part)
 #   meta/deps/*.whl                         the small wheels installed there only if missing
 #   meta/deps.txt                           import name <TAB> wheel, and why each is carried
+#   photos/*.jpg                            23 sample photographs (scikit-image's and
+#                                           scikit-learn's, short side 512 px, 1.4 MB) for the
+#                                           int8 calibration and the GPU tests there (the
+#                                           image has no scikit-image); carried by the last call
 # meta/ is a few MB: it goes with every call (append_part.sh checks each part against it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,6 +24,8 @@ cd "$(dirname "$0")/../.."
 VERSION="${ORT_GPU_VERSION:-1.31.1}"
 DIR="${DEVICE_DIR:-.device}"
 PYTHON="${PYTHON:-python3}"
+# Needs scikit-image and scikit-learn (the [dev] extra) for the photographs.
+PHOTO_PYTHON="${PHOTO_PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
 PART_SIZE=50M
 mkdir -p "$DIR/parts" "$DIR/meta/deps"
 
@@ -104,3 +110,26 @@ echo "sha256: $(cut -d' ' -f1 "$DIR/meta/wheel.sha256")"
 echo "parts (name, bytes, offset, sha256):"
 sed 's/^/  /' "$DIR/meta/parts.tsv"
 echo "meta/ to carry with every call: $(du -sb "$DIR/meta" | cut -f1) bytes; done in $(($(date +%s) - start)) s"
+
+# Photographs: the pictures benchmarks/photos.py cuts its crops from, whole, as JPEG.
+rm -rf "$DIR/photos"
+mkdir -p "$DIR/photos"
+"$PHOTO_PYTHON" - "$DIR/photos" <<'PY' || echo "WARNING: no photographs (needs scikit-image" \
+  "and scikit-learn): calibration there uses the 5 fixture images"
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+sys.path.insert(0, "benchmarks")
+from photos import source_pictures  # noqa: E402
+
+folder = Path(sys.argv[1])
+for stem, picture in source_pictures().items():
+    scale = 512 / min(picture.size)
+    if scale < 1:
+        size = (round(picture.width * scale), round(picture.height * scale))
+        picture = picture.resize(size, Image.Resampling.LANCZOS)
+    picture.save(folder / f"{stem}.jpg", quality=90)
+PY
+echo "photos: $(ls "$DIR/photos" | wc -l) in $DIR/photos ($(du -sh "$DIR/photos" | cut -f1))"

@@ -2,9 +2,9 @@
 
 Called by scripts/gpu_check.sh after every step (so a run cut short still leaves one), with
 the standard library only. Reads from WORK: steps.tsv (name, result, seconds, start, end,
-note), logs/verify.log and bench-<engine>.json (one benchmark call per engine); from OUT:
+note), logs/verify.log and bench-<engine>-<tower>.json; from OUT:
 pytest.log and gpu_mem.csv (nvidia-smi samples). Writes to OUT: summary.md, and
-bench_gpu.json / bench_gpu.md, the benchmark calls merged.
+bench_gpu.json / bench_gpu.md, the benchmark calls (one per engine and tower) merged.
 
     python scripts/device/summary.py --work WORK --out OUT
 """
@@ -69,7 +69,8 @@ def merge_bench(work: Path, order: list[str]) -> dict[str, Any] | None:
         data = json.loads(file.read_text())
         merged.setdefault("machine", data.get("machine"))
         merged.setdefault("text_length", data.get("text_length"))
-        merged["engines"].update(data.get("engines", {}))
+        for engine, rows in data.get("engines", {}).items():
+            merged["engines"].setdefault(engine, []).extend(rows)
     return merged
 
 
@@ -190,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         lines += [
             table,
             "",
-            "GPU memory per engine (peak used on the whole GPU while its call ran):",
+            "GPU memory per call (peak used on the whole GPU while it ran):",
             "",
-            "| engine | peak MiB | result |",
+            "| engine, tower | peak MiB | result |",
             "| --- | ---: | --- |",
             *memory_rows,
         ]
