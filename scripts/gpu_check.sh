@@ -62,6 +62,7 @@ CALIBRATION=(--calibration-images "${CALIBRATION_IMAGES:-$FIXTURE/expected/input
 [ "${CALIBRATION_SEARCH:-$([ "$CHECKPOINT_SIZE" = full ] && echo 0 || echo 1)}" = 1 ] \
   || CALIBRATION+=(--no-search)
 
+case "$WORK" in / | "$HOME" | "$REPO") echo "WORK=$WORK would be emptied: refused" >&2 && exit 2 ;; esac
 rm -rf "$WORK"
 mkdir -p "$WORK/logs" "$OUT"
 : >"$WORK/steps.tsv"

@@ -11,13 +11,14 @@
 #   meta/wheel.txt                          the wheel's file name
 #   meta/wheel.sha256                       `sha256sum` line of the whole wheel
 #   meta/parts.tsv                          part, bytes, offset, sha256 (one line per part)
-#   meta/deps/*.whl                         the small wheels installed there only if missing
 #   meta/deps.txt                           import name <TAB> wheel, and why each is carried
+#   deps/*.whl                              those small wheels (1.9 MB), installed there only
+#                                           where the import fails; carried by the last call
 #   photos/*.jpg                            23 sample photographs (scikit-image's and
 #                                           scikit-learn's, short side 512 px, 1.4 MB) for the
 #                                           int8 calibration and the GPU tests there (the
 #                                           image has no scikit-image); carried by the last call
-# meta/ is a few MB: it goes with every call (append_part.sh checks each part against it).
+# meta/ (a few kB) goes with every call: append_part.sh checks each part against it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -27,7 +28,8 @@ PYTHON="${PYTHON:-python3}"
 # Needs scikit-image and scikit-learn (the [dev] extra) for the photographs.
 PHOTO_PYTHON="${PHOTO_PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
 PART_SIZE=50M
-mkdir -p "$DIR/parts" "$DIR/meta/deps"
+rm -rf "$DIR/deps"
+mkdir -p "$DIR/parts" "$DIR/meta" "$DIR/deps"
 
 # The device image's platform: manylinux tags newest first; pip picks the best one it finds.
 platforms=()
@@ -76,8 +78,8 @@ for entry in "${DEPS[@]}"; do
   if [ "$module" = coloredlogs ] || [ "$module" = humanfriendly ]; then
     grep -qi '^coloredlogs' <<<"$requires" || continue
   fi
-  download "$DIR/meta/deps" "$requirement"
-  file="$(cd "$DIR/meta/deps" && ls | grep -i "^${name//-/_}-" | head -1)"
+  download "$DIR/deps" "$requirement"
+  file="$(cd "$DIR/deps" && ls | grep -i "^${name//-/_}-" | head -1)"
   printf '%s\t%s\t%s\n' "$module" "$file" "$why" >>"$DIR/meta/deps.txt"
 done
 # Anything the wheel requires that is neither in the image's known set nor carried: say so.
@@ -89,7 +91,7 @@ for requirement in $(grep -v 'extra *==' <<<"$requires" | sed 's/[ ;<>=!~(\[].*/
       || echo "WARNING: $wheel requires $requirement, neither in the image nor carried" ;;
   esac
 done
-echo "carried small wheels ($(du -sh "$DIR/meta/deps" | cut -f1)):"
+echo "carried small wheels ($(du -sh "$DIR/deps" | cut -f1)):"
 sed 's/^/  /' "$DIR/meta/deps.txt"
 
 # Parts: same names every time (old ones removed first), with sizes, offsets and hashes.

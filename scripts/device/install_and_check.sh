@@ -5,7 +5,7 @@
 # with PYTHONPATH=/tmp/site, its results in $OUT.
 #
 #   bash scripts/device/append_part.sh 4 && bash scripts/device/install_and_check.sh
-#   # carry: .device/parts/part-04, .device/meta
+#   # carry: .device/parts/part-04, .device/meta, .device/deps, .device/photos
 #
 # Environment: PYTHON (default python3), OUT (the device tool's output folder; default
 # $ORT_GPU_TMP/out), SITE (default /tmp/site), ORT_GPU_TMP (default /tmp/clipedge-ortgpu);
@@ -52,6 +52,21 @@ echo "wheel OK: $wheel, $total bytes, sha256 $actual ($(($(date +%s) - started))
 # rehearsing, to try their install).
 pip_install() { "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --upgrade \
   --disable-pip-version-check "$@"; }
+if ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
+  # No pip there: a wheel is a zip of what goes into site-packages (these have no .data).
+  echo "no pip: wheels unzipped with the standard library's zipfile"
+  pip_install() {
+    local target="" arg
+    while [ $# -gt 0 ]; do
+      arg="$1"
+      shift
+      case "$arg" in
+        --target) target="$1" && shift ;;
+        *.whl) "$PYTHON" -m zipfile -e "$arg" "$target" || return 1 ;;
+      esac
+    done
+  }
+fi
 gpu_site="$SITE"
 platform=()
 if [ "$REHEARSE" = 1 ]; then
@@ -63,7 +78,7 @@ pip_install "${platform[@]}" --target "$gpu_site" "$TARGET/$wheel" || exit 5
 deps=()
 while IFS=$'\t' read -r module file why; do
   if [ "$REHEARSE" = 1 ] || ! "$PYTHON" -c "import $module" 2>/dev/null; then
-    deps+=("$DIR/meta/deps/$file")
+    deps+=("$DIR/deps/$file")
     echo "installing $file ($why)"
   fi
 done <"$DIR/meta/deps.txt"

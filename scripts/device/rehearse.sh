@@ -63,7 +63,7 @@ timed "part $last onto an empty /tmp (expect exit 2)" \
 mv "$ORT_GPU_TMP/wheel.keep" "$ORT_GPU_TMP/wheel.part"
 
 echo "--- call $last: the last part, install, check"
-dir="$(tree "$last" ".device/parts/${parts[$last]}" .device/meta .device/photos)"
+dir="$(tree "$last" ".device/parts/${parts[$last]}" .device/meta .device/deps .device/photos)"
 timed "append_part.sh $last" bash "$dir/scripts/device/append_part.sh" "$last"
 timed "install_and_check.sh (REHEARSE=1)" env REHEARSE=1 PYTHON="$PYTHON" OUT="$SCRATCH/out" \
   bash "$dir/scripts/device/install_and_check.sh"
