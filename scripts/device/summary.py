@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,9 @@ def bench_tables(results: dict[str, Any]) -> str:
             f"Items per second (texts of {results.get('text_length')} tokens; images at the "
             "tower's size):",
             "",
-            "| tower | batch | " + " | ".join(f"{e} {p}" for e, p in columns) + " |",
+            "| tower | batch | "
+            + " | ".join(e if e.endswith(p) else f"{e} {p}" for e, p in columns)
+            + " |",
             "| --- | ---: |" + " ---: |" * len(columns),
         ]
         for tower, batch in keys:
@@ -122,10 +125,12 @@ def bench_tables(results: dict[str, Any]) -> str:
 
 
 def tail_lines(path: Path, keep: tuple[str, ...], last: int = 30) -> list[str]:
+    """The lines of `path` that start with one of `keep`, or are pytest's count line."""
     if not path.is_file():
         return []
     lines = path.read_text(errors="replace").splitlines()
-    return [line for line in lines if line.startswith(keep)][-last:]
+    counts = re.compile(r"^\d+ (passed|failed|skipped|errors?|deselected|xfailed|xpassed)\b")
+    return [line for line in lines if line.startswith(keep) or counts.match(line)][-last:]
 
 
 def verify_table(work: Path) -> list[str]:
