@@ -78,15 +78,19 @@ summary() {
 }
 
 # step NAME CAP RESERVE COMMAND...: runs COMMAND under `timeout` for at most CAP seconds,
-# and where there is a budget, at most what is left of it less RESERVE (the steps after it).
+# and where there is a budget, at most what is left of it less RESERVE (promised to the steps
+# after it; all that is left once the promise cannot be kept).
 # Its output goes to the log and to $WORK/logs/NAME.log; a line goes to $WORK/steps.tsv.
 step() {
   local name="$1" cap="$2" reserve="$3" limit rc began ended result
   shift 3
   limit="$cap"
   if [ "$BUDGET_S" -gt 0 ]; then
-    local left=$((START + BUDGET_S - $(date +%s) - reserve))
-    [ "$left" -lt "$limit" ] && limit="$left"
+    local left=$((START + BUDGET_S - $(date +%s)))
+    local share=$((left - reserve))
+    # Too late to keep the promise: steps run in order of importance, this one comes first.
+    [ "$share" -lt 5 ] && share="$left"
+    [ "$share" -lt "$limit" ] && limit="$share"
   fi
   began=$(date +%s.%N)
   if [ "$limit" -lt 5 ]; then
