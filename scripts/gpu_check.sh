@@ -28,6 +28,8 @@
 #                 under `timeout`: its own cap, cut to what is left, less what the steps
 #                 after it are promised. A step that fails or times out does not stop the
 #                 rest; the exit status says whether any failed.
+#   TESTS         the GPU tests (default tests/test_gpu.py, and tests/test_tensorrt.py where
+#                 TensorRT is installed)
 #   BENCH         the benchmark, after $PYTHON (default: -m benchmarks.gpu)
 #   ENGINES       benchmark engines (default: ort-cuda, then trt-native
 #                 and ort-trt where TensorRT is installed, torch-eager-fp16,
@@ -158,7 +160,8 @@ print(1 if this_machine().flavours else 0)" 2>/dev/null || echo 0)
 
 # The GPU tests export the tiny bundle themselves: in the background, beside the CPU-bound
 # export below (waited for before anything is timed on the GPU).
-(step gpu-tests 240 0 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py \
+read -r -a tests <<<"${TESTS:-tests/test_gpu.py $([ "$HAVE_TRT" = 1 ] && echo tests/test_tensorrt.py)}"
+(step gpu-tests 240 0 "$PYTHON" -m pytest -q -rs -p no:cacheprovider "${tests[@]}" \
   >"$OUT/pytest.log" 2>&1) &
 tests_pid=$!
 
