@@ -8,6 +8,7 @@ by CUDA kernels (the provider is asserted, so a silent CPU fallback fails the te
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import warnings
 
@@ -84,16 +85,26 @@ def test_tensorrt_fp32_matches_official(tiny_bundle, reference, tmp_path):
     assert any(tmp_path.iterdir()), "no engine or timing cache written"
 
 
-def test_calibrated_fp16_and_int8_run_on_cuda(tiny_bundle, reference, images, tmp_path):
+def _photos() -> str:
+    """Real photographs for calibration: a folder named by CLIPEDGE_TEST_PHOTOS (the GPU
+    machine has no scikit-image; scripts/device/ carries the same pictures), else
+    scikit-image's sample data."""
+    folder = os.environ.get("CLIPEDGE_TEST_PHOTOS")
+    if folder:
+        return f"{folder}/*"
     pytest.importorskip("skimage.data", reason="real photographs for calibration")
     import skimage.data
 
+    return f"{skimage.data.data_dir}/*.png"
+
+
+def test_calibrated_fp16_and_int8_run_on_cuda(tiny_bundle, reference, images, tmp_path):
     from clipedge.cli import main
 
+    photos = _photos()
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, bundle)
     captions = EXPECTED.parents[1] / "calibration" / "captions.jsonl"
-    photos = f"{skimage.data.data_dir}/*.png"
     args = ["calibrate", str(bundle), "--precisions", "fp16,int8"]
     args += ["--calibration-images", photos, "--calibration-texts", str(captions)]
     assert main(args) == 0
