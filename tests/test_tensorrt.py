@@ -16,8 +16,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
+
+pytest.importorskip("onnx", reason="building engines reads graphs with onnx (the tensorrt extra)")
+
+import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import clipedge
