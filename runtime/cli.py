@@ -50,6 +50,11 @@ EXTRAS: dict[str, str] = {
     "pyarrow": "batch",
     "ray": "ray",
 }
+# Per command, where its need of a module comes with another extra than EXTRAS says
+# (build-engine reads graphs with onnx, which the tensorrt extra brings without torch).
+COMMAND_EXTRAS: dict[str, dict[str, str]] = {
+    "build-engine": {"onnx": "tensorrt"},
+}
 
 
 def _command(argv: list[str]) -> str | None:
@@ -101,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = functools.partial(_print_warning, warnings.showwarning)
             return args.handler(args)
     except ModuleNotFoundError as exc:
-        extra = EXTRAS.get((exc.name or "").partition(".")[0])
+        top = (exc.name or "").partition(".")[0]
+        extra = COMMAND_EXTRAS.get(command or "", {}).get(top, EXTRAS.get(top))
         if extra is None:
             raise
         print(

@@ -9,7 +9,7 @@ def _build_engine(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from clipedge.bundle.manifest import BundleError, read_manifest
-    from clipedge.export.tensorrt_build import BuilderUnavailable, BuildOptions, build_engines
+    from clipedge.engine.tensorrt_build import BuilderUnavailable, BuildOptions, build_engines
 
     options = BuildOptions(
         precision=args.precision,
@@ -25,7 +25,7 @@ def _build_engine(args: argparse.Namespace) -> int:
     towers = [args.tower] if args.tower else None
     try:
         if args.ep_context:
-            from clipedge.export.tensorrt_build import build_ep_context
+            from clipedge.engine.tensorrt_build import build_ep_context
 
             for tower in towers or read_manifest(args.bundle).towers:
                 build_ep_context(args.bundle, tower, args.precision, args.profiles)

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytest.importorskip("onnx", reason="calibration needs onnx (the export extra)")
+
 import clipedge
 from clipedge.calibration.data import (
     CalibrationDataError,

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytest.importorskip("onnx", reason="calibration needs onnx (the export extra)")
+
 from clipedge.calibration import search
 from clipedge.calibration.report import recall_at_k
 

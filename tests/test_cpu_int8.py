@@ -7,9 +7,12 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+pytest.importorskip("onnx", reason="calibration needs onnx (the export extra)")
+
 import onnx
 import onnxruntime as ort
-import pytest
 
 import clipedge
 from clipedge.calibration import cpu_int8, graph_io

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 pytest.importorskip("torch", reason="export tests need the [export] extra")
+
+import onnx
+from onnx import TensorProto, helper
 
 from clipedge.export.graph_check import check_graph  # noqa: E402
 

@@ -6,9 +6,12 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+pytest.importorskip("onnx", reason="calibration needs onnx (the export extra)")
+
 import onnx
 import onnxruntime as ort
-import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationMethod, create_calibrator, load_tensors_data
 

@@ -4,7 +4,7 @@ The export's own verification (and `test_every_sequence_length_runs`) compares t
 with the project's PyTorch tower, so a mistake shared by both (a wrong rotary base, say) passes
 them. This module re-implements the jina-clip-v2 text tower of the tiny reference checkpoint
 straight from `shared/model-facts.md` (sections 1.2, 3 and 6), reading the raw checkpoint with
-`safetensors.numpy` and nothing from `clipedge.export`:
+`safetensors.numpy` (or conftest's reader of the format) and nothing from `clipedge.export`:
 
 - backbone values: jina-embeddings-v3's config overridden by `hf_model_config_kwargs`
   (rotary base 20000, LayerNorm eps 1e-5, LoRA alpha/rank);
@@ -26,9 +26,8 @@ import math
 import numpy as np
 import onnxruntime as ort
 import pytest
-from safetensors.numpy import load_file
 
-from conftest import CHECKPOINT, expected
+from conftest import CHECKPOINT, expected, load_safetensors
 
 MAX_ABS = 2e-5  # on L2-normalised vectors, as tests/test_export_parity.py
 PREFIX = "text_model.transformer.roberta."
@@ -49,7 +48,7 @@ def load_weights(lora: bool = True) -> dict[str, np.ndarray]:
     """Float64 weights with LoRA adapter 0 merged (or the bare backbone when lora=False)."""
     config = backbone_config()
     scaling = config["lora_alpha"] / config["lora_rank"]
-    raw = load_file(str(CHECKPOINT / "model.safetensors"))
+    raw = load_safetensors(CHECKPOINT / "model.safetensors")
     text = {k[len(PREFIX) :]: v.astype(np.float64) for k, v in raw.items() if k.startswith(PREFIX)}
     weights: dict[str, np.ndarray] = {}
     for key, value in text.items():

@@ -12,7 +12,6 @@ import pytest
 
 import clipedge
 from clipedge.bundle.manifest import BundleError
-from clipedge.calibration.data import image_feeds, text_feeds
 from clipedge.engine.openvino_backend import (
     INSTALL_HINT,
     OpenVinoOptions,
@@ -36,6 +35,8 @@ NEEDS_OPENVINO = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def feeds(tiny_bundle, reference) -> dict[str, list[dict[str, np.ndarray]]]:
     """Calibration-style feeds: several batch sizes and lengths through one session."""
+    from clipedge.calibration.data import image_feeds, text_feeds  # (needs onnx)
+
     model = clipedge.load(tiny_bundle, backend="cpu")
     images = sorted((FIXTURE / "expected" / "inputs").glob("img*"))
     texts = reference["texts"]

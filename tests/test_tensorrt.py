@@ -16,8 +16,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
+
+pytest.importorskip("onnx", reason="building engines reads graphs with onnx (the tensorrt extra)")
+
+import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import clipedge
@@ -218,7 +221,7 @@ def _int8_embedding_graph() -> onnx.ModelProto:
 def test_int8_embedding_rewrite_gives_the_same_values():
     import onnxruntime as ort
 
-    from clipedge.export.tensorrt_build import rewrite_int8_embeddings
+    from clipedge.engine.tensorrt_build import rewrite_int8_embeddings
 
     model = _int8_embedding_graph()
     ids = np.array([[0, 5, 49], [3, 3, 1]], dtype=np.int64)
@@ -258,7 +261,7 @@ def engines_bundle(calibrated_bundle, tmp_path_factory) -> tuple[Path, dict[str,
     """Every graph of the calibrated tiny bundle built with TensorRT for RTX on this CPU."""
     if not HAS_RTX:
         pytest.skip("needs tensorrt-rtx-cu13 (the [dev] install)")
-    from clipedge.export.tensorrt_build import BuildOptions, build_engines
+    from clipedge.engine.tensorrt_build import BuildOptions, build_engines
 
     bundle = tmp_path_factory.mktemp("trt-engines") / "bundle"
     shutil.copytree(calibrated_bundle, bundle)
@@ -311,7 +314,7 @@ def test_every_graph_of_the_tiny_bundle_builds(engines_bundle):
 @needs_rtx
 def test_the_int8_text_graph_needs_the_rewrite(calibrated_bundle):
     """Without the rewrite TensorRT refuses the graph, as the issue reports."""
-    from clipedge.export.tensorrt_build import import_builder
+    from clipedge.engine.tensorrt_build import import_builder
 
     trt, _ = import_builder("tensorrt_rtx")
     logger = trt.Logger(trt.Logger.ERROR)
@@ -474,7 +477,7 @@ def test_verify_runs_what_this_machine_has(calibrated_bundle, capsys):
 
 
 def test_ep_context_options_put_every_dynamic_input_in_every_profile(tiny_bundle, tmp_path):
-    from clipedge.export.tensorrt_build import ep_context_provider_options
+    from clipedge.engine.tensorrt_build import ep_context_provider_options
 
     profiles = _profiles(tiny_bundle)
     options = ep_context_provider_options(profiles, tmp_path / "ctx.onnx", tmp_path)
@@ -491,7 +494,7 @@ def test_ep_context_options_put_every_dynamic_input_in_every_profile(tiny_bundle
     not HAS_CUDA_EP, reason="EPContext needs onnxruntime-gpu with TensorRT and a GPU"
 )
 def test_ep_context_graph_is_written(tiny_bundle, tmp_path):
-    from clipedge.export.tensorrt_build import build_ep_context
+    from clipedge.engine.tensorrt_build import build_ep_context
 
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, bundle)

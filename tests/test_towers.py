@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import onnx
 import pytest
+
+pytest.importorskip("onnx", reason="reads the graphs with onnx (the export extra)")
+
+import onnx
 
 from clipedge.bundle.manifest import read_manifest
 from clipedge.towers import TOWERS, tower_spec

@@ -435,7 +435,7 @@ def open_session(
     machine = this_machine(options.device)
     choice = choose_engine(tower, precision, machine, manifest.files)
     if choice.entry is None and options.rebuild:
-        from clipedge.export.tensorrt_build import BuildOptions, build_engines
+        from .tensorrt_build import BuildOptions, build_engines
 
         log.warning("building the %s %s TensorRT engine (no matching one)", tower_name, precision)
         build_engines(

@@ -40,8 +40,8 @@ from typing import Any
 import onnx
 from onnx import TensorProto, helper
 
-from clipedge.bundle.manifest import BundleError, Manifest, read_manifest, sha256_file
-from clipedge.engine.tensorrt_engines import (
+from ..bundle.manifest import BundleError, Manifest, read_manifest, sha256_file
+from .tensorrt_engines import (
     MANIFEST_KEY,
     EngineEntry,
     EngineProfile,
@@ -212,7 +212,7 @@ class BuildResult:
 def _gpu(trt_flavour: str) -> tuple[str | None, str | None]:
     """The GPU name and compute capability of device 0 through cuda-bindings (None, None
     when there is no usable GPU)."""
-    from clipedge.engine.tensorrt_backend import query_gpu
+    from .tensorrt_backend import query_gpu
 
     return query_gpu()
 
