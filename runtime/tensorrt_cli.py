@@ -8,8 +8,8 @@ import argparse
 def _build_engine(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from clipedge.bundle.manifest import BundleError, read_manifest
-    from clipedge.engine.tensorrt_build import BuilderUnavailable, BuildOptions, build_engines
+    from clipedge.bundle.manifest import read_manifest
+    from clipedge.engine.tensorrt_build import BuildOptions, build_engines
 
     options = BuildOptions(
         precision=args.precision,
@@ -23,29 +23,20 @@ def _build_engine(args: argparse.Namespace) -> int:
         keep_graph=args.keep_graph,
     )
     towers = [args.tower] if args.tower else None
-    try:
-        if args.ep_context:
-            from clipedge.engine.tensorrt_build import build_ep_context
+    if args.ep_context:
+        from clipedge.engine.tensorrt_build import build_ep_context
 
-            for tower in towers or read_manifest(args.bundle).towers:
-                build_ep_context(args.bundle, tower, args.precision, args.profiles)
-            return 0
-        build_engines(args.bundle, towers, options)
-    except (BundleError, BuilderUnavailable, ValueError) as exc:
-        print(f"[build-engine] error: {exc}")
-        return 1
+        for tower in towers or read_manifest(args.bundle).towers:
+            build_ep_context(args.bundle, tower, args.precision, args.profiles)
+        return 0
+    build_engines(args.bundle, towers, options)
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from clipedge.bundle.manifest import BundleError
     from clipedge.verify import verify_bundle
 
-    try:
-        results = verify_bundle(args.bundle, batch_size=args.batch_size)
-    except BundleError as exc:
-        print(f"[verify] error: {exc}")
-        return 1
+    results = verify_bundle(args.bundle, batch_size=args.batch_size)
     return 0 if all(r.passed for r in results) else 1
 
 

@@ -157,7 +157,7 @@ def test_a_bad_precision_is_one_line_not_a_traceback(tiny_bundle, tmp_path, caps
     argv = ["embed", str(tiny_bundle), "--texts", str(source), "-o", str(tmp_path / "o")]
     assert main([*argv, "--precision", "int4"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("clipedge embed: bundle has no int4 text graph (available: fp32")
+    assert err.startswith("clipedge embed: error: bundle has no int4 text graph (available: fp32")
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.parquet"))
 
 
@@ -169,8 +169,10 @@ def test_dimensions_are_named_as_the_command_names_them(tiny_bundle, tmp_path, c
     source = tmp_path / "texts.txt"
     source.write_text("a caption\n")
     argv = ["embed", str(tiny_bundle), "--texts", str(source)]
-    assert main([*argv, "-o", str(tmp_path / "a"), "--dimensions", "0"]) == 1
-    assert capsys.readouterr().err == "clipedge embed: dimensions must be in [1, 64], got 0\n"
+    assert main([*argv, "-o", str(tmp_path / "a"), "--dimensions", "0"]) == 2
+    assert (
+        capsys.readouterr().err == "clipedge embed: error: dimensions must be in [1, 64], got 0\n"
+    )
     assert main([*argv, "-o", str(tmp_path / "b"), "--dimensions", "7"]) == 0
     assert capsys.readouterr().err.startswith(
         "clipedge: warning: dimensions=7 is not one of the trained Matryoshka dimensions"

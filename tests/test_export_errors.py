@@ -137,7 +137,7 @@ def test_cli_export_reports_stages_and_verifies(tmp_path, capsys):
         assert stage in out
     manifest = json.loads((tmp_path / "b" / "clipedge.json").read_text())
     assert list(manifest["towers"]) == ["text"]
-    assert manifest["towers"]["text"]["default_max_length"] == 512
+    assert manifest["towers"]["text"]["settings"]["default_max_length"] == 512
     assert manifest["source"]["weights_sha256"]
 
 

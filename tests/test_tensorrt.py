@@ -510,7 +510,9 @@ def test_ep_context_without_the_provider_is_a_clear_error(tiny_bundle, tmp_path,
     from clipedge.cli import main
 
     assert main(["build-engine", str(tiny_bundle), "--ep-context", "--precision", "fp32"]) == 1
-    assert "TensorRT provider is not in this onnxruntime" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert err.startswith("clipedge build-engine: error: ")
+    assert "TensorRT provider is not in this onnxruntime" in err
 
 
 def test_tensorrt_and_cuda_are_not_imported_by_default(tiny_bundle):

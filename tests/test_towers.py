@@ -29,7 +29,7 @@ def test_exported_graphs_and_manifest_follow_the_table(
             symbolic = [d.dim_param for d in dims if d.dim_param]
             assert len(symbolic) == len(spec.dynamic_axes)
         assert tower.pooling == spec.pooling
-        assert set(spec.manifest_keys) <= set(tower.extra)
+        assert tower.output_dim == manifest.embed_dim
 
 
 def test_unknown_tower_is_named():

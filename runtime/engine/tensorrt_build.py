@@ -41,8 +41,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..bundle.manifest import BundleError, Manifest, read_manifest, sha256_file
+from ..errors import BackendError
 from .tensorrt_engines import (
-    MANIFEST_KEY,
     EngineEntry,
     EngineProfile,
     current_platform,
@@ -59,7 +59,7 @@ DEFAULT_OPT_LEVEL = 3
 TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT64": "int64", "INT32": "int32"}
 
 
-class BuilderUnavailable(RuntimeError):
+class BuilderUnavailable(BackendError):
     """No TensorRT builder (full TensorRT or TensorRT for RTX) is installed."""
 
 
@@ -388,9 +388,8 @@ def build_tower_engine(
 def record_engine(bundle_dir: Path, manifest: Manifest, result: BuildResult) -> Manifest:
     """Add (or replace, by file name) the engine's entry and its file to the manifest."""
     tower = manifest.towers[result.tower]
-    entries = [e for e in tower.extra.get(MANIFEST_KEY, []) if e.get("file") != result.entry.file]
-    entries.append(result.entry.to_dict())
-    tower.extra[MANIFEST_KEY] = entries
+    entries = [e for e in tower.tensorrt_engines if e.get("file") != result.entry.file]
+    tower.tensorrt_engines[:] = [*entries, result.entry.to_dict()]
     manifest.files[result.entry.file] = {
         "bytes": result.path.stat().st_size,
         "sha256": sha256_file(result.path),
@@ -485,7 +484,7 @@ def build_ep_context(
         raise BuilderUnavailable(
             f"onnxruntime's TensorRT provider did not start or wrote no {context.name}"
         )
-    entries = [e for e in tower.extra.get("tensorrt_ep_context", []) if e["file"] != context.name]
+    entries = [e for e in tower.tensorrt_ep_context if e["file"] != context.name]
     entries.append(
         {
             "file": context.name,
@@ -497,7 +496,7 @@ def build_ep_context(
             "platform": current_platform(),
         }
     )
-    tower.extra["tensorrt_ep_context"] = entries
+    tower.tensorrt_ep_context[:] = entries
     manifest.save(bundle_dir)
     report(
         f"[build-engine] {context.name}: EPContext graph for onnxruntime's TensorRT provider "
