@@ -150,7 +150,7 @@ def bench_images(args: argparse.Namespace) -> tuple[list[dict], bool]:
 
 
 def bench_text(args: argparse.Namespace) -> list[dict]:
-    tokenizer = TextTokenizer(args.tokenizer, pad_token_id=1)
+    tokenizer = TextTokenizer(args.tokenizer)
     rng = np.random.default_rng(0)
     short = [" ".join(rng.choice(WORDS, 10)) for _ in range(32)]
     words = []

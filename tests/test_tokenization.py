@@ -25,7 +25,7 @@ def manifest() -> dict:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> TextTokenizer:
-    return TextTokenizer(FIXTURE / "checkpoint" / "tokenizer.json", pad_token_id=PAD_ID)
+    return TextTokenizer(FIXTURE / "checkpoint" / "tokenizer.json")
 
 
 def encode(tokenizer: TextTokenizer, texts: list[str], max_length: int):

@@ -82,7 +82,7 @@ def apply_instruction(texts: Sequence[str], instruction: str) -> list[str]:
 class TextTokenizer:
     """Batch tokenizer: token ids per text, truncated as the official tokenizer call does."""
 
-    def __init__(self, tokenizer_file: str | os.PathLike[str], pad_token_id: int) -> None:
+    def __init__(self, tokenizer_file: str | os.PathLike[str]) -> None:
         self._tokenizer = Tokenizer.from_file(os.fspath(tokenizer_file))
         # Settings stored in tokenizer.json would truncate or pad behind our back.
         self._tokenizer.no_truncation()
@@ -91,7 +91,6 @@ class TextTokenizer:
         self._encode_batch = getattr(
             self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch
         )
-        self.pad_token_id = pad_token_id
         self._suffix_length = self._template_suffix_length()
 
     def _template_suffix_length(self) -> int:

@@ -58,7 +58,7 @@ class TextTower:
         settings = entry.settings
         path = bundle_dir / settings.tokenizer
         try:
-            self.tokenizer = TextTokenizer(path, pad_token_id=settings.pad_token_id)
+            self.tokenizer = TextTokenizer(path)
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise BundleError(f"cannot read tokenizer {path}: {exc}") from exc
         if not 0 <= settings.pad_token_id < self.tokenizer.vocab_size:
