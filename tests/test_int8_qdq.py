@@ -104,7 +104,9 @@ def test_qdq_follows_tensorrt_rules(quantized, tiny_bundle, tower):
         channel_axis = 0 if node.op_type == "Conv" else 1
         assert values.dtype == np.int8 and axis == channel_axis, node.name
         assert scale.shape == (values.shape[channel_axis],) and np.all(scale > 0)
-        assert np.abs(values).max() <= 127
+        # 7-bit values (int8_qdq docstring): onnxruntime's int8 GEMMs stay exact on x86 CPUs
+        # without VNNI, where the calibration gate may run.
+        assert np.abs(values.astype(np.int32)).max() <= 64
 
     for node in nodes:
         if node.op_type in ("LayerNormalization", "Softmax", "Add"):  # float ops read float
@@ -153,7 +155,7 @@ def test_qdq_matches_fp32_on_held_out_data(tiny_bundle, feeds, tmp_path, tower, 
     held = feeds[tower, True]
     reference = pooled_embeddings(cpu_session(src), tower, held)
     candidate = pooled_embeddings(cpu_session(dst), tower, held)
-    # Measured on this tiny random model: min cosine 0.9996 (text), 0.996 (vision).
+    # Measured on this tiny random model: min cosine 0.9998 (text), 0.9982 (vision).
     assert cosine_stats(reference, candidate)["cosine_min"] >= 0.99
 
 
