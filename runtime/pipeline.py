@@ -115,7 +115,7 @@ class Pipeline:
 
     @property
     def limits(self) -> EngineLimits:
-        return getattr(self.session, "limits", NO_LIMITS)
+        return self.session.limits
 
     def batches(
         self, rows: Sequence[Any], items: Sequence[int], batch_size: int

@@ -246,8 +246,7 @@ def test_an_interrupted_calibration_leaves_the_bundle_as_it_was(bundle_copy, mon
     spec = dataclasses.replace(precisions.PRECISIONS["fp16"], make_converter=interrupted)
     monkeypatch.setitem(precisions.PRECISIONS, "fp16", spec)
     args = calibrate_args(bundle_copy, "--precisions", "int8,fp16", "--no-search", "--seed", "1")
-    with pytest.raises(KeyboardInterrupt):
-        main(args)
+    assert main(args) == 130  # "clipedge calibrate: interrupted", no traceback
     assert {p.name: p.read_bytes() for p in bundle_copy.iterdir()} == before
     with pytest.warns(RuntimeWarning, match="meant for gpu"):  # Q/DQ int8 is the GPU's
         model = clipedge.load(bundle_copy, backend="cpu", precision="int8", verify_checksums=True)
