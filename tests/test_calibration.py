@@ -256,10 +256,10 @@ def test_an_interrupted_calibration_leaves_the_bundle_as_it_was(bundle_copy, mon
 
 def test_an_unknown_precision_is_refused_before_the_data_is_read(tmp_path, capsys):
     argv = ["calibrate", str(tmp_path), "--calibration-images", str(tmp_path / "none")]
-    assert main([*argv, "--precisions", "int4"]) == 1
+    assert main([*argv, "--precisions", "int4"]) == 2
     err = capsys.readouterr().err  # about the precision, not the missing images or bundle
     assert err.strip() == (
-        "clipedge calibrate: error: unknown precision(s) ['int4']; "
+        "clipedge calibrate: error: --precisions: unknown precision(s) ['int4']; "
         "choose from ['fp16', 'int8', 'int8-cpu', 'int8-ov']"
     )
 
