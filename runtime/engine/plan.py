@@ -104,7 +104,7 @@ def prefers_openvino(towers_graphs: list[dict[str, GraphEntry]]) -> bool:
 
 
 # Every graph precision a bundle may hold.
-PRECISIONS = tuple(dict.fromkeys(p for order in PREFERENCE.values() for p in order))
+PRECISIONS = ("fp32", "fp16", "int8", "int8-cpu", "int8-ov")
 
 
 def check_request(backend: object, precision: object) -> None:

@@ -66,6 +66,11 @@ def check_pad_token(tokenizer: TextTokenizer, pad_token_id: int, path: Path) -> 
     special = tokenizer.special_tokens()
     if special is not None and pad_token_id not in special:
         raise BundleError(f"{field} is {token!r} in {path}, not one of its special tokens")
+    if pad_token_id in tokenizer.wrapper_ids():
+        raise BundleError(
+            f"{field} ({token!r}) is a token the tokenizer puts around every text: the "
+            "attention mask (ids != pad) would hide it"
+        )
     declared_token = _declared_pad_token(path)
     declared = [tokenizer.declared_pad_id]
     declared.append(None if declared_token is None else tokenizer.token_id(declared_token))
@@ -75,11 +80,6 @@ def check_pad_token(tokenizer: TextTokenizer, pad_token_id: int, path: Path) -> 
                 f"{field} ({token!r}), but the tokenizer's files declare pad id {other} "
                 f"({tokenizer.token(other)!r})"
             )
-    if pad_token_id in tokenizer.wrapper_ids():
-        raise BundleError(
-            f"{field} ({token!r}) is a token the tokenizer puts around every text: the "
-            "attention mask (ids != pad) would hide it"
-        )
 
 
 class TextTower:
