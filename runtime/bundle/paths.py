@@ -32,6 +32,16 @@ def _bad_form(name: Any) -> str | None:
     return None
 
 
+def _has_link(bundle_dir: Path, name: str) -> bool:
+    """Whether any part of `name` below the bundle is a symlink (one lstat per part)."""
+    path = Path(bundle_dir)
+    for part in name.split("/"):
+        path = path / part
+        if path.is_symlink():
+            return True
+    return False
+
+
 def bundle_file(bundle_dir: Path, name: Any, entry: str) -> Path:
     """`bundle_dir / name`, refused (a `BundleError` naming `entry`) unless `name` is a
     relative, normalised path that stays inside the bundle once symlinks are followed."""
@@ -42,6 +52,8 @@ def bundle_file(bundle_dir: Path, name: Any, entry: str) -> Path:
             "bundle must be relative and inside it"
         )
     path = Path(bundle_dir) / name
+    if not _has_link(bundle_dir, name):  # normalised, no `..`, no link: inside
+        return path
     root = Path(bundle_dir).resolve()
     target = path.resolve()
     if target != root and root not in target.parents:
