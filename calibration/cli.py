@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from clipedge.errors import ClipEdgeError
+from clipedge.errors import ClipEdgeError, OptionError
+from clipedge.towers import TEXT, VISION, tower_spec
 
 
 def add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -48,29 +52,71 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) -
     group.add_argument("--seed", type=int, default=0, help="sampling seed")
 
 
-def calibrate(args: argparse.Namespace, bundle_dir: Path | None = None) -> int:
-    """Add lower-precision graphs with an accuracy report; non-zero exit on a missed target."""
-    from onnx.checker import ValidationError
+@dataclass(frozen=True)
+class CalibrationRequest:
+    """The checked calibration options: precisions, per-precision targets, the data."""
 
+    precisions: list[str]
+    targets: dict[str, float] | None
+    calibration: Any
+
+
+def prepare_calibration(
+    args: argparse.Namespace, towers: Sequence[str] | None = None
+) -> CalibrationRequest:
+    """Every calibration option and source checked, and the data read, before any model is:
+    the precisions (names, installed packages), `--target-cosine`, `--calibration-samples`,
+    and for each tower (`towers`, else the bundle's) the source its calibration needs."""
     from .data import CalibrationSet
-    from .pipeline import BelowTargetError, CalibrationError, calibrate_bundle, check_precisions
+    from .precisions import check_precisions
 
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip() and p != "fp32"]
-    targets = {p: args.target_cosine for p in precisions} if args.target_cosine else None
-    try:
-        check_precisions(precisions)  # a typo costs nothing, not the data loading first
-        calibration = CalibrationSet.from_sources(
-            args.calibration_images,
-            args.calibration_texts,
-            limit=args.calibration_samples,
-            seed=args.seed,
+    check_precisions(precisions)  # a typo costs nothing, not the data loading first
+    target = args.target_cosine
+    if target is not None and not 0 < target <= 1:
+        raise OptionError(f"--target-cosine must be in (0, 1], got {target}")
+    if args.calibration_samples < 2:
+        raise OptionError(
+            f"--calibration-samples must be >= 2 (some are held out), got "
+            f"{args.calibration_samples}"
         )
+    if towers is None:
+        from clipedge.bundle.manifest import read_manifest
+
+        towers = list(read_manifest(args.bundle).towers)
+    sources = {TEXT.name: args.calibration_texts, VISION.name: args.calibration_images}
+    missing = [tower_spec(t).calibration_option for t in towers if not sources.get(t)]
+    if precisions and missing:
+        raise OptionError(f"calibrating the exported towers needs {' and '.join(missing)}")
+    calibration = CalibrationSet.from_sources(
+        args.calibration_images,
+        args.calibration_texts,
+        limit=args.calibration_samples,
+        seed=args.seed,
+    )
+    targets = {p: target for p in precisions} if target else None
+    return CalibrationRequest(precisions, targets, calibration)
+
+
+def calibrate(
+    args: argparse.Namespace,
+    bundle_dir: Path | None = None,
+    request: CalibrationRequest | None = None,
+) -> int:
+    """Add lower-precision graphs with an accuracy report; non-zero exit on a missed target.
+    `request`: the options already checked and the data read (`prepare_calibration`)."""
+    from onnx.checker import ValidationError
+
+    from .pipeline import BelowTargetError, CalibrationError, calibrate_bundle
+
+    try:
+        request = request or prepare_calibration(args)
         results = calibrate_bundle(
             bundle_dir or args.bundle,
-            precisions,
-            calibration,
+            request.precisions,
+            request.calibration,
             method=args.calibration_method,
-            targets=targets,
+            targets=request.targets,
             search=not args.no_search,
             report=lambda line: print(line, flush=True),
         )

@@ -26,7 +26,7 @@ from clipedge.model import ClipEdgeModel
 from .blocks import nodes_by_block
 from .data import CalibrationSet, tower_feeds
 from .feeds import Feed
-from .precisions import PRECISIONS
+from .precisions import PRECISIONS, check_precisions
 from .report import (
     TowerAccuracy,
     cosine_stats,
@@ -109,20 +109,6 @@ def _tower_precision(
         **stats,
     )
     return accuracy, embeddings
-
-
-def check_precisions(precisions: Sequence[str]) -> None:
-    """Refuse an unknown precision, or one whose packages are missing, before any work."""
-    unknown = [p for p in precisions if p not in PRECISIONS]
-    if unknown:
-        raise ValueError(f"unknown precision(s) {unknown}; choose from {sorted(PRECISIONS)}")
-    for precision in precisions:
-        missing = PRECISIONS[precision].missing_modules()
-        if missing:
-            raise ValueError(
-                f"precision {precision} needs {', '.join(missing)}: "
-                f"{PRECISIONS[precision].install_hint}"
-            )
 
 
 def _calibrate_towers(

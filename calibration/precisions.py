@@ -134,3 +134,21 @@ PRECISIONS = {
     ),
 }
 CALIBRATION_METHODS = ("max", "entropy", "percentile")
+
+
+def check_precisions(precisions: Sequence[str]) -> None:
+    """Refuse an unknown precision, or one whose packages are missing, before any work."""
+    from clipedge.errors import OptionError
+
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        raise OptionError(
+            f"--precisions: unknown precision(s) {unknown}; choose from {sorted(PRECISIONS)}"
+        )
+    for precision in precisions:
+        missing = PRECISIONS[precision].missing_modules()
+        if missing:
+            raise OptionError(
+                f"precision {precision} needs {', '.join(missing)}: "
+                f"{PRECISIONS[precision].install_hint}"
+            )

@@ -5,16 +5,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from clipedge.calibration.cli import add_calibration_arguments, calibrate
+from clipedge.bundle.writing import check_target
+from clipedge.calibration.cli import add_calibration_arguments, calibrate, prepare_calibration
 from clipedge.errors import ClipEdgeError
+from clipedge.towers import check_tower_names
 
 from .opset import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, check_opset
 
 
 def export(args: argparse.Namespace) -> int:
+    # Every option, the output folder, the precisions and the calibration data are checked
+    # before torch is imported and the checkpoint loaded (minutes and GBs for the real model).
+    towers = [t.strip() for t in args.towers.split(",") if t.strip()]
+    check_tower_names(towers, "--towers")
+    check_target(args.output, args.overwrite)
+    request = prepare_calibration(args, towers) if args.precisions else None
+
     from .pipeline import ExportError, export_bundle
 
-    towers = [t.strip() for t in args.towers.split(",") if t.strip()]
     try:
         result = export_bundle(
             args.source,
@@ -34,8 +42,8 @@ def export(args: argparse.Namespace) -> int:
         failed = [v.tower for v in result.verifications if not v.ok]
         raise ExportError(f"verification FAILED for: {', '.join(failed)}")
     print(f"bundle written to {result.bundle_dir}")
-    if args.precisions:
-        return calibrate(args, result.bundle_dir)
+    if request is not None:
+        return calibrate(args, result.bundle_dir, request)
     return 0
 
 
@@ -72,7 +80,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an existing bundle in OUTPUT (its old files are removed)",
+        help="replace the bundle in OUTPUT (refused unless OUTPUT is empty or a clipedge "
+        "bundle with nothing else in it)",
     )
     add_calibration_arguments(parser, required=False)
     parser.set_defaults(handler=export)

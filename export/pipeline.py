@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import gc
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from clipedge.bundle.manifest import Manifest
+from clipedge.bundle.writing import check_target, staged_bundle
 from clipedge.errors import ClipEdgeError
+from clipedge.towers import check_tower_names
 
 from .bundle_writer import copy_support_files, write_manifest
 from .onnx_export import ExportedGraph, export_tower
@@ -50,33 +50,21 @@ def export_bundle(
 ) -> ExportResult:
     """Export the requested towers of `source` into `bundle_dir` and verify them.
 
-    The bundle is written into a temporary folder beside `bundle_dir` and moved into place
-    only when complete, so a failed export leaves nothing behind; an existing non-empty
-    `bundle_dir` is refused unless `overwrite`, which replaces it whole (no stale graphs).
+    The bundle is written into a staging folder beside `bundle_dir` and swapped in only when
+    complete, so a failed export leaves nothing behind. A non-empty `bundle_dir` is refused
+    unless `overwrite`, and even then only an existing bundle is replaced (whole: no stale
+    graphs), never a folder with anything else in it (`clipedge.bundle.writing`).
     """
-    unknown = [t for t in towers if t not in TOWERS]
-    if unknown or not towers:
-        raise ValueError(f"towers must be a non-empty subset of {TOWERS}, got {list(towers)}")
+    check_tower_names(towers)
     check_opset(opset)
-    bundle_dir = Path(bundle_dir)
-    if bundle_dir.exists() and not bundle_dir.is_dir():
-        raise ValueError(f"{bundle_dir} exists and is not a directory")
-    if bundle_dir.is_dir() and any(bundle_dir.iterdir()) and not overwrite:
-        raise ValueError(
-            f"{bundle_dir} is not empty; pass --overwrite (overwrite=True) to replace it"
-        )
-    bundle_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.", dir=bundle_dir.parent))
-    try:
+    bundle_dir = check_target(bundle_dir, overwrite)
+    with staged_bundle(bundle_dir, overwrite) as staging:
         checkpoint, graphs, verifications = _export_towers(
             staging, source, towers, opset, token_states, revision, report
         )
         report(f"[save] bundle {bundle_dir}")
         copy_support_files(checkpoint, staging)
         manifest = write_manifest(checkpoint, graphs, staging, opset)
-        _move_into_place(staging, bundle_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     graphs = [
         replace(
             g,
@@ -86,21 +74,6 @@ def export_bundle(
         for g in graphs
     ]
     return ExportResult(bundle_dir, manifest, graphs, verifications)
-
-
-def _move_into_place(staging: Path, target: Path) -> None:
-    """Rename the finished bundle to `target`. An old bundle is renamed aside first and deleted
-    only after, so `target` never holds a half-deleted bundle, even when interrupted."""
-    aside = staging.with_name(staging.name + ".old")
-    if target.exists():
-        target.rename(aside)
-    try:
-        staging.rename(target)
-    except OSError:
-        if aside.exists():
-            aside.rename(target)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _export_towers(

@@ -14,6 +14,7 @@ from .errors import (  # noqa: E402
     InputError,
     NonFiniteEmbeddingError,
     OptionError,
+    OptionTypeError,
     SourceError,
     TextInputError,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "OpenVinoOptions",
     "Options",
     "OptionError",
+    "OptionTypeError",
     "ProfileLimits",
     "SourceError",
     "TensorrtEpOptions",

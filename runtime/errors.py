@@ -22,6 +22,10 @@ class OptionError(ClipEdgeError, ValueError):
     """An option, flag or request parameter is outside its valid range."""
 
 
+class OptionTypeError(OptionError, TypeError):
+    """An option of the wrong type (also a `TypeError`, as Python's own checks raise)."""
+
+
 class InputError(ClipEdgeError, ValueError):
     """One input could not be used; the message names the item index and the reason."""
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .bundle.files import check_files
+from .bundle.checks import check_bundle
 from .bundle.manifest import Manifest, read_manifest
 from .engine.plan import ExecutionPlan, plan_execution
 from .engine.registry import backend as get_backend
@@ -65,12 +65,13 @@ class ClipEdgeModel:
         self.bundle_dir = Path(bundle_dir)
         self.options = (options or Options()).replace(**option_overrides)
         self.manifest: Manifest = read_manifest(self.bundle_dir)
-        check_files(self.bundle_dir, self.manifest, self.options.verify_checksums)
         self.plan: ExecutionPlan = plan_execution(
             self.manifest, self.bundle_dir, backend, precision, backend_options
         )
         backend_entry = get_backend(self.plan.backend)
         self.backend_options = backend_entry.checked_options(backend_options, self.options.threads)
+        graphs = {name: tower.graph for name, tower in self.plan.towers.items()}
+        check_bundle(self.bundle_dir, self.manifest, graphs, self.options.verify_checksums)
         self.towers: dict[str, Tower] = open_towers(self.manifest, self.bundle_dir, self.options)
         self._pipelines: dict[str, Pipeline] = {}
         self._lock = threading.Lock()

@@ -56,8 +56,13 @@ class Options:
         default=True,
         metadata=_help("read image items given as local file paths (the server never does)"),
     )
-    verify_checksums: bool = field(
-        default=False, metadata=_help("hash every bundle file against the manifest at load")
+    verify_checksums: bool | None = field(
+        default=None,
+        metadata=_help(
+            "sha256 of every bundle file against the manifest: on: at every load; off: never "
+            "(sizes only); default: at the first load on this machine, then a stamp in the "
+            "cache (a changed file is hashed again)"
+        ),
     )
     threads: int | None = field(
         default=None, metadata=_help("inference threads (default: the backend's choice)")
@@ -79,9 +84,14 @@ class Options:
             or not (math.isfinite(timeout) and timeout > 0)
         ):
             raise OptionError(f"url_timeout must be a positive number of seconds, got {timeout!r}")
-        for name in ("allow_urls", "allow_private_urls", "allow_files", "verify_checksums"):
+        for name in ("allow_urls", "allow_private_urls", "allow_files"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not (self.verify_checksums is None or isinstance(self.verify_checksums, bool)):
+            raise OptionError(
+                "verify_checksums must be None (once, then a stamp), True (every load) or "
+                f"False (never), got {self.verify_checksums!r}"
+            )
 
     @property
     def url_policy(self) -> UrlPolicy:

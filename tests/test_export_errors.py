@@ -187,9 +187,11 @@ def test_non_empty_folder_needs_overwrite_which_removes_stale_files(tmp_path):
     target = tmp_path / "bundle"
     target.mkdir()
     (target / "text.int8.onnx").write_bytes(b"stale graph of an older export")
+    stale = {"format": "clipedge-bundle", "files": {"text.int8.onnx": {}}}
+    (target / "clipedge.json").write_text(json.dumps(stale))
     with pytest.raises(ValueError, match="not empty; pass --overwrite"):
         export_bundle(str(CHECKPOINT), target, towers=["vision"], report=quiet)
-    assert [p.name for p in target.iterdir()] == ["text.int8.onnx"]
+    assert sorted(p.name for p in target.iterdir()) == ["clipedge.json", "text.int8.onnx"]
     export_bundle(str(CHECKPOINT), target, towers=["vision"], report=quiet, overwrite=True)
     manifest = json.loads((target / "clipedge.json").read_text())
     assert sorted(p.name for p in target.iterdir()) == sorted([*manifest["files"], "clipedge.json"])
@@ -199,7 +201,7 @@ def test_non_empty_folder_needs_overwrite_which_removes_stale_files(tmp_path):
 def test_cli_refuses_a_non_empty_folder(tmp_path, capsys):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "notes.txt").write_text("mine")
-    assert main(["export", str(CHECKPOINT), "-o", str(tmp_path / "b")]) == 1
+    assert main(["export", str(CHECKPOINT), "-o", str(tmp_path / "b")]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
 
 
@@ -211,7 +213,7 @@ def test_failed_export_leaves_no_partial_bundle(tmp_path, monkeypatch, overwrite
     target = tmp_path / "bundle"
     if overwrite:  # the old bundle stays as it was
         target.mkdir()
-        (target / "clipedge.json").write_text("{}")
+        (target / "clipedge.json").write_text('{"format": "clipedge-bundle"}')
     monkeypatch.setattr(pipeline, "verify_graph", fail)
     with pytest.raises(RuntimeError, match="verification crashed"):
         export_bundle(str(CHECKPOINT), target, towers=["text"], report=quiet, overwrite=overwrite)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BundleError
+from .paths import check_paths
 
 MANIFEST_NAME = "clipedge.json"
 FORMAT_NAME = "clipedge-bundle"
@@ -289,6 +290,14 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
                 f"{path}: the {name} graph's output is {tower.output_dim} wide, the manifest's "
                 f"embed_dim is {manifest.embed_dim}"
             )
+        size = getattr(tower.settings, "image_size", None)
+        sides = [axis for spec in tower.inputs for axis in spec.shape[-2:]]
+        if size is not None and any(isinstance(s, int) and s != size for s in sides):
+            raise BundleError(
+                f"{path}: towers.{name}.settings.image_size is {size}, the graph inputs are "
+                f"{[spec.shape for spec in tower.inputs]}"
+            )
+    check_paths(bundle_dir, manifest)
     return manifest
 
 

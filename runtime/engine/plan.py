@@ -14,7 +14,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..bundle.manifest import BundleError, GraphEntry, Manifest
+from ..bundle.manifest import GraphEntry, Manifest
+from ..errors import BackendError, BundleError, OptionError
 from ..user_warnings import warn
 from .registry import backend as get_backend
 
@@ -102,10 +103,30 @@ def prefers_openvino(towers_graphs: list[dict[str, GraphEntry]]) -> bool:
     )
 
 
+# Every graph precision a bundle may hold.
+PRECISIONS = ("fp32", "fp16", "int8", "int8-cpu", "int8-ov")
+
+
+def check_request(backend: object, precision: object) -> None:
+    """`backend` and `precision` are names this clipedge knows (an `OptionError` listing them
+    otherwise); whether the bundle has the precision is the plan's question."""
+    if not isinstance(backend, str):
+        raise OptionError(f"backend must be a name, got {backend!r}")
+    if backend != "auto":
+        get_backend(backend)  # an unknown name lists the known ones
+    if precision is not None and precision not in PRECISIONS:
+        raise OptionError(
+            f"precision must be one of {', '.join(PRECISIONS)} or None (the fastest that "
+            f"passed), got {precision!r}"
+        )
+
+
 def choose_backend(requested: str, manifest: Manifest, options: object = None) -> str:
     """The backend that will run: the one asked for (or its fallback, with a warning, when it
     is not available here), or for `auto` the fastest available for this bundle. `options`,
-    the caller's backend options, rule out native engines when they are another backend's."""
+    the caller's backend options, rule out native engines when they are another backend's.
+    A backend asked for by name that is not installed and has no fallback is a
+    `BackendError` with its install hint, here at load rather than at the first encode."""
     native_options = options is None or isinstance(options, get_backend(NATIVE).options_type)
     if requested in ("auto", "tensorrt") and native_options and _native_runs(manifest):
         log.info("backend %s: using the bundle's native TensorRT engines", requested)
@@ -129,6 +150,9 @@ def choose_backend(requested: str, manifest: Manifest, options: object = None) -
             RuntimeWarning,
         )
         chosen = fallback
+    if not chosen.available():
+        hint = f": {chosen.install_hint}" if chosen.install_hint else ""
+        raise BackendError(f"backend {chosen.name!r} is not installed here{hint}")
     return chosen.name
 
 
@@ -146,6 +170,7 @@ def plan_execution(
     options: object = None,
 ) -> ExecutionPlan:
     """Backend and, per tower, precision and graph file for this bundle on this machine."""
+    check_request(backend, precision)
     name = choose_backend(backend, manifest, options)
     device = get_backend(name).device
     towers = {}

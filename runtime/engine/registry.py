@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..bundle.manifest import TowerManifest
-from ..errors import OptionError
+from ..errors import OptionError, OptionTypeError
 from . import onnxruntime_backend, openvino_backend, tensorrt_backend
 from .session import TowerSession
 
@@ -35,18 +36,56 @@ class Backend:
     open: Callable[[Path, TowerManifest, Any, bool], TowerSession]
     available: Callable[[], bool]
     fallback: str | None = None
+    install_hint: str | None = None
 
     def checked_options(self, options: Any, threads: int | None = None) -> Any:
-        """The caller's options for this backend (defaults when None), `threads` applied; a
-        `TypeError` naming both when they are another backend's."""
+        """The caller's options for this backend (defaults when None), `threads` applied; an
+        `OptionTypeError` naming both when they are another backend's, or naming the field
+        whose value has the wrong type."""
         if options is None:
             options = self.options_type()
         elif not isinstance(options, self.options_type):
-            raise TypeError(
+            raise OptionTypeError(
                 f"backend {self.name!r} takes {self.options_type.__name__}, "
                 f"got {type(options).__name__}"
             )
+        check_field_types(options)
         return options if threads is None else dataclasses.replace(options, threads=threads)
+
+
+# Annotation words -> the runtime types they accept (bool is no int here, an int is a float).
+TYPE_WORDS: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+    "Path": (str, os.PathLike),
+    "dict": (dict,),
+    "None": (type(None),),
+}
+# Fields that count something: at least this much.
+MINIMUMS = {"threads": 1, "device": 0, "max_contexts": 1, "workspace_gb": 0}
+
+
+def check_field_types(options: Any) -> None:
+    """Every field of a backend's options dataclass against its annotation (`int | None`,
+    `dict[...]`, `Path | None`, ...; other types are left to the dataclass) and, for the
+    counting fields, its minimum: an `OptionError` naming the field and what it takes."""
+    for item in dataclasses.fields(options):
+        words = [word.strip().split("[")[0] for word in str(item.type).split("|")]
+        if not all(word in TYPE_WORDS for word in words):
+            continue
+        value = getattr(options, item.name)
+        allowed = tuple(t for word in words for t in TYPE_WORDS[word])
+        wrong_bool = isinstance(value, bool) and "bool" not in words
+        name = f"{type(options).__name__}.{item.name}"
+        if wrong_bool or not isinstance(value, allowed):
+            raise OptionTypeError(
+                f"{name} must be {' or '.join(words)}, got {type(value).__name__} {value!r}"
+            )
+        minimum = MINIMUMS.get(item.name)
+        if minimum is not None and isinstance(value, int | float) and value < minimum:
+            raise OptionError(f"{name} must be >= {minimum}, got {value!r}")
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -120,5 +159,6 @@ register(
         openvino_backend.OpenVinoOptions,
         _openvino,
         openvino_backend.openvino_installed,
+        install_hint=openvino_backend.INSTALL_HINT,
     )
 )

@@ -84,6 +84,8 @@ class TextTokenizer:
 
     def __init__(self, tokenizer_file: str | os.PathLike[str]) -> None:
         self._tokenizer = Tokenizer.from_file(os.fspath(tokenizer_file))
+        # The pad id tokenizer.json declares, if any (checked against the manifest's).
+        self.declared_pad_id = (self._tokenizer.padding or {}).get("pad_id")
         # Settings stored in tokenizer.json would truncate or pad behind our back.
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
@@ -102,6 +104,24 @@ class TextTokenizer:
             if full[start : start + len(bare)] == bare:
                 return len(full) - start - len(bare)
         raise ValueError("tokenizer post-processor does not wrap the text in special tokens")
+
+    def wrapper_ids(self) -> list[int]:
+        """The special tokens the post-processor puts around every text (`<s>`, `</s>`)."""
+        bare = set(self._tokenizer.encode("a", add_special_tokens=False).ids)
+        return [i for i in self._tokenizer.encode("a").ids if i not in bare]
+
+    def special_tokens(self) -> dict[int, str] | None:
+        """Id -> text of the tokenizer's special tokens (None: this tokenizers cannot say)."""
+        decoder = getattr(self._tokenizer, "get_added_tokens_decoder", None)
+        if decoder is None:
+            return None
+        return {i: token.content for i, token in decoder().items() if token.special}
+
+    def token(self, token_id: int) -> str | None:
+        return self._tokenizer.id_to_token(token_id)
+
+    def token_id(self, token: str) -> int | None:
+        return self._tokenizer.token_to_id(token)
 
     @property
     def vocab_size(self) -> int:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..bundle.manifest import Manifest
-from ..errors import BundleError, InputError
+from ..errors import BundleError, InputError, OptionError
 from ..options import Options
 
 TOKEN_STATES_OUTPUT = "last_hidden_state"
@@ -103,6 +103,15 @@ class Tower(Protocol):
     def batch_order(self, rows: Sequence[Any], items: Sequence[int]) -> list[int]: ...
 
     def close(self) -> None: ...
+
+
+def check_tower_names(names: Sequence[str], option: str = "towers") -> None:
+    """A non-empty list of known tower names, or an `OptionError` naming `option`."""
+    unknown = [name for name in names if name not in TOWERS]
+    if unknown or not names:
+        raise OptionError(
+            f"{option} must be a non-empty subset of {', '.join(TOWERS)}, got {list(names)}"
+        )
 
 
 def open_towers(manifest: Manifest, bundle_dir: Path, options: Options) -> dict[str, Tower]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,46 @@ def text_feeds(rows: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, np
     return {"input_ids": input_ids, "attention_mask": (input_ids != pad_token_id).astype(np.int64)}
 
 
+def _declared_pad_token(tokenizer_file: Path) -> str | None:
+    """The pad token that `special_tokens_map.json` beside the tokenizer names, if any."""
+    try:
+        data = json.loads((tokenizer_file.parent / "special_tokens_map.json").read_text())
+    except (OSError, ValueError):
+        return None
+    pad = data.get("pad_token") if isinstance(data, dict) else None
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    return pad if isinstance(pad, str) else None
+
+
+def check_pad_token(tokenizer: TextTokenizer, pad_token_id: int, path: Path) -> None:
+    """The manifest's pad id against the tokenizer: in its vocabulary, one of its special
+    tokens, the pad token its own files declare, and not one of the tokens it wraps every
+    text in (the attention mask is `ids != pad`: it would hide them)."""
+    field = f"towers.text.settings.pad_token_id {pad_token_id}"
+    if not 0 <= pad_token_id < tokenizer.vocab_size:
+        raise BundleError(
+            f"{field} is not in the tokenizer's vocabulary ({path}: {tokenizer.vocab_size} tokens)"
+        )
+    token = tokenizer.token(pad_token_id)
+    special = tokenizer.special_tokens()
+    if special is not None and pad_token_id not in special:
+        raise BundleError(f"{field} is {token!r} in {path}, not one of its special tokens")
+    if pad_token_id in tokenizer.wrapper_ids():
+        raise BundleError(
+            f"{field} ({token!r}) is a token the tokenizer puts around every text: the "
+            "attention mask (ids != pad) would hide it"
+        )
+    declared_token = _declared_pad_token(path)
+    declared = [tokenizer.declared_pad_id]
+    declared.append(None if declared_token is None else tokenizer.token_id(declared_token))
+    for other in declared:
+        if other is not None and other != pad_token_id:
+            raise BundleError(
+                f"{field} ({token!r}), but the tokenizer's files declare pad id {other} "
+                f"({tokenizer.token(other)!r})"
+            )
+
+
 class TextTower:
     """Texts -> token rows -> `input_ids` / `attention_mask`, as the official `encode_text`.
 
@@ -61,11 +102,7 @@ class TextTower:
             self.tokenizer = TextTokenizer(path)
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise BundleError(f"cannot read tokenizer {path}: {exc}") from exc
-        if not 0 <= settings.pad_token_id < self.tokenizer.vocab_size:
-            raise BundleError(
-                f"{path}: the manifest's pad_token_id {settings.pad_token_id} is not in the "
-                f"tokenizer's vocabulary of {self.tokenizer.vocab_size}"
-            )
+        check_pad_token(self.tokenizer, settings.pad_token_id, path)
         self.pad_token_id = settings.pad_token_id
         self.pooling = entry.pooling
         self.instructions = manifest.task_instructions
