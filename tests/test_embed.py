@@ -155,9 +155,9 @@ def test_a_bad_precision_is_one_line_not_a_traceback(tiny_bundle, tmp_path, caps
     source = tmp_path / "texts.txt"
     source.write_text("a caption\n")
     argv = ["embed", str(tiny_bundle), "--texts", str(source), "-o", str(tmp_path / "o")]
-    assert main([*argv, "--precision", "int4"]) == 1
+    assert main([*argv, "--precision", "int4"]) == 2  # a bad option: usage
     err = capsys.readouterr().err
-    assert err.startswith("clipedge embed: error: bundle has no int4 text graph (available: fp32")
+    assert err.startswith("clipedge embed: error: precision must be one of fp32, fp16, int8")
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.parquet"))
 
 

@@ -394,17 +394,17 @@ def test_a_model_that_failed_to_load_says_why_everywhere(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("arguments", "reason"),
-    [(["{missing}"], "does not exist"), (["{bundle}", "--precision", "int4"], "no int4")],
+    ("arguments", "reason", "code"),
+    [(["{missing}"], "does not exist", 1), (["{bundle}", "--precision", "int4"], "got 'int4'", 2)],
 )
 def test_serve_refuses_a_bad_bundle_before_listening(
-    tiny_bundle, tmp_path, capsys, arguments, reason
+    tiny_bundle, tmp_path, capsys, arguments, reason, code
 ):
     from clipedge.cli import main
 
     paths = {"missing": tmp_path / "no-bundle", "bundle": tiny_bundle}
     argv = ["serve", *(a.format(**paths) for a in arguments), "--port", str(free_port())]
-    assert main(argv) == 1  # returned at once: uvicorn never started
+    assert main(argv) == code  # returned at once: uvicorn never started
     err = capsys.readouterr().err
     assert err.startswith("clipedge serve: error: ") and reason in err
 
