@@ -377,7 +377,7 @@ class Runner(Embedder):
             rows["ids"],
             np.concatenate(rows["vectors"]),
             rows["errors"],
-            {k: [r[k] for r in rows["keep"]] for k in self.job.keep},
+            {k: [r.get(k) for r in rows["keep"]] for k in self.job.keep},
             self.job.dtype,
         )
         summary.output_bytes += path.stat().st_size

@@ -80,9 +80,9 @@ def _lancedb(target: Target, tables: Iterator[pa.Table]) -> int:
     written = 0
     for shard in tables:
         if table is None:
-            if target.name in db.table_names():
+            try:
                 table = db.open_table(target.name)
-            else:
+            except (ValueError, FileNotFoundError):  # not there yet
                 table = db.create_table(target.name, shard)
                 written += shard.num_rows
                 continue
