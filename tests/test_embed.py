@@ -426,3 +426,31 @@ def test_workers_die_with_a_sigkilled_parent(tiny_bundle, tmp_path):
         assert_all_gone(workers, within=2.0)
     finally:
         server.shutdown()
+
+
+FORKSERVER_POOL = """
+import multiprocessing, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from clipedge.embed.job import _die_with_parent
+context = multiprocessing.get_context(sys.argv[1])
+with ProcessPoolExecutor(2, context, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+    pids = {future.result() for future in [pool.submit(os.getpid) for _ in range(8)]}
+    print(" ".join(map(str, pids)), flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_the_worker_guard_holds_for_every_start_method(method):
+    """Under forkserver (Python 3.14's default on Linux) a worker's parent is the fork server,
+    so PR_SET_PDEATHSIG alone neither fires on the job's death nor passes the parent check."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", FORKSERVER_POOL, method], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        workers = [psutil.Process(int(pid)) for pid in process.stdout.readline().split()]
+        assert workers and all(w.pid != process.pid for w in workers)
+    finally:
+        process.kill()
+        process.wait()
+    assert_all_gone(workers, within=2.0)
