@@ -339,6 +339,7 @@ class Runner(Embedder):
             self._embed_all(done, summary, bar)
         summary.seconds = time.monotonic() - started
         last_run = asdict(summary) | {"rate": summary.rate}
+        del last_run["delivered"]
         counts = shards.count_rows(job.out_dir)
         shards.write_manifest(
             job.out_dir, {**manifest, "complete": True, "counts": counts, "last_run": last_run}
