@@ -6,7 +6,13 @@ each `--workers` value, the plain loop (`model.encode_image(paths)` per batch, `
 the time a re-run takes to skip the finished shards, and each run's peak RSS (the process and
 its workers).
 
+With `--ray`: texts instead (`--count` lines, shards of 10 000), `clipedge embed` in one
+process against `--ray` on a local Ray instance of `--ray-cpus` CPUs (started before the
+clock, as a cluster would be; the actors' start and model load are inside it), and `--ray`
+with the instance's start inside the clock, side by side, with each run's peak RSS.
+
 Usage: python -m benchmarks.embed --bundle DIR [--precision int8-cpu] [--count 64]
+       python -m benchmarks.embed --bundle tests/fixtures/tiny-bundle --ray --count 20000
 """
 
 from __future__ import annotations
@@ -56,6 +62,59 @@ print(json.dumps({"seconds": seconds, "images_per_s": len(paths) / seconds, "pea
 """
 
 
+TEXT_CHILD = """
+import json, resource, sys, time
+from pathlib import Path
+mode, bundle, source, out, precision, batch, cpus = sys.argv[1:8]
+import ray
+from clipedge.embed.job import EmbedJob, embed
+from clipedge.embed.ray_data import embed_with_ray
+start = time.perf_counter()
+if mode == "ray":  # a running instance, as on a cluster
+    ray.init(num_cpus=int(cpus), include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR")
+    start = time.perf_counter()
+elif mode == "ray+start":
+    ray.init(num_cpus=int(cpus), include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR")
+job = EmbedJob(Path(bundle), source, "texts", Path(out), batch_size=int(batch),
+               precision=precision or None, shard_size=10000)
+summary = (embed if mode == "local" else embed_with_ray)(job, progress=False)
+seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(
+    resource.RUSAGE_CHILDREN).ru_maxrss
+rows = summary.done + summary.failed
+print(json.dumps({"seconds": seconds, "items_per_s": rows / seconds, "peak_kb": peak}))
+"""
+RAY_MODES = {
+    "clipedge embed (one process)": "local",
+    "clipedge embed --ray (running instance)": "ray",
+    "clipedge embed --ray (instance started in the clock)": "ray+start",
+}
+
+
+def run_texts(args: argparse.Namespace) -> dict:
+    """`clipedge embed` against `--ray` on the same texts, one child process each."""
+    results: dict = {
+        "machine": machine_info(),
+        "count": args.count,
+        "batch_size": args.batch_size,
+        "texts": True,
+        "runs": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "texts.txt"
+        lines = (f"a caption about item {i} " * (1 + i % 4) for i in range(args.count))
+        source.write_text("".join(line + "\n" for line in lines))
+        for name, mode in RAY_MODES.items():
+            command = [sys.executable, "-c", TEXT_CHILD, mode, str(args.bundle), str(source)]
+            command += [str(Path(tmp) / mode), args.precision, str(args.batch_size)]
+            command += [str(args.ray_cpus)]
+            result = subprocess.run(command, check=True, capture_output=True, text=True)
+            results["runs"][name] = json.loads(result.stdout.strip().splitlines()[-1])
+    return results
+
+
 def photos(folder: Path, count: int) -> None:
     rng = np.random.default_rng(0)
     for i in range(count):
@@ -81,7 +140,27 @@ def child(mode: str, args: argparse.Namespace, folder: Path, out: Path, workers:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def print_texts_table(results: dict) -> None:
+    runs = results["runs"]
+    local = runs["clipedge embed (one process)"]["items_per_s"]
+    print(f"{results['count']} texts, batch {results['batch_size']}")
+    rows = [
+        (
+            name,
+            f"{row['seconds']:.2f}",
+            f"{row['items_per_s']:.0f}",
+            f"{row['items_per_s'] / local:.0%}",
+            f"{row['peak_kb'] / 1e6:.2f}",
+        )
+        for name, row in runs.items()
+    ]
+    header = ("run", "s", "texts/s", "vs one process", "peak RSS GB (driver)")
+    print(markdown_table(header, rows, "lrrrr"))
+
+
 def print_table(results: dict) -> None:
+    if results.get("texts"):
+        return print_texts_table(results)
     runs = results["runs"]
     model_rate = runs["model only"]["images_per_s"]
     print(f"{results['count']} images 1280x848, batch {results.get('batch_size', 8)}")
@@ -103,6 +182,8 @@ def render_charts(results: dict, folder: Path) -> list[Path]:
     """Images per second of each way to embed a folder, the model alone as the line."""
     from .charts import Line, bar_chart
 
+    if results.get("texts"):
+        return []
     runs = {k: v for k, v in results["runs"].items() if not k.startswith("re-run")}
     model = Line(results["runs"]["model only"]["images_per_s"], "model only")
     subtitle = f"{results['machine']['cpu']}, {results['count']} images"
@@ -126,8 +207,11 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", default="0,1,2")
+    parser.add_argument("--ray", action="store_true", help="texts: one process against --ray")
+    parser.add_argument("--ray-cpus", type=int, default=2)
     add_output_arguments(parser)
-    run_or_render(parser.parse_args(), run, print_table, render_charts)
+    args = parser.parse_args()
+    run_or_render(args, run_texts if args.ray else run, print_table, render_charts)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -49,6 +49,8 @@ EXTRAS: dict[str, str] = {
     "prometheus_client": "serve",
     "pyarrow": "batch",
     "ray": "ray",
+    "lancedb": "lancedb",
+    "qdrant_client": "qdrant",
 }
 # Per command, where its need of a module comes with another extra than EXTRAS says
 # (build-engine reads graphs with onnx, which the tensorrt extra brings without torch).

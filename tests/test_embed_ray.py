@@ -45,3 +45,40 @@ def test_ray_rows_equal_single_process_rows(local_ray, tiny_bundle, tmp_path):
         assert sorted(p.name for p in distributed.glob("part-*")) == sorted(
             p.name for p in local.glob("part-*")
         )
+
+
+def test_ray_resumes_keeps_columns_and_writes_error_rows(local_ray, tiny_bundle, tmp_path):
+    import pyarrow as pa
+
+    from clipedge.embed.ray_data import EmbedBatch, records_table
+    from clipedge.inputs.sources import text_records
+
+    source = tmp_path / "texts.jsonl"
+    lines = [json.dumps({"text": f"caption {i}", "lang": "en"}) for i in range(10)]
+    lines[3] = "{broken"
+    source.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    job = EmbedJob(tiny_bundle, str(source), "texts", out, shard_size=4, keep=("lang",))
+    first = embed_with_ray(job)
+    assert (first.done, first.failed) == (9, 1)
+    (out / "part-00001.parquet").unlink()
+    again = embed_with_ray(job)
+    assert (again.skipped, again.done, again.failed) == (6, 4, 0)
+    table = pq.read_table(out)
+    assert table["id"].to_pylist() == [str(i) for i in range(1, 11)]
+    assert table["status"].to_pylist()[3] == "error" and table["lang"].to_pylist()[0] == "en"
+    assert (
+        table["error"]
+        .to_pylist()[3]
+        .endswith(
+            "line 4: not JSON (Expecting property name "
+            "enclosed in double quotes: line 1 column 2 "
+            "(char 1))"
+        )
+    )
+    # the blocks Ray moves are plain Arrow (no pickled Python objects)
+    block = records_table(0, list(text_records(source, keep=("lang",), on_error="record")), ())
+    assert {str(t) for t in block.schema.types} <= {"int32", "string", "binary"}
+    result = EmbedBatch(job)(block)
+    assert result.schema.field("embedding").type == pa.list_(pa.float32(), 64)
+    assert result["embedding"].null_count == 1 and result["error"].null_count == 9

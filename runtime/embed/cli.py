@@ -34,6 +34,8 @@ def embed_command(args: argparse.Namespace) -> int:
         backend=args.backend,
         precision=args.precision,
         options=from_arguments(args, Options),
+        hash=args.hash,
+        to=args.to,
     )
     progress = None if sys.stderr.isatty() else False
     if args.ray is None:
@@ -65,7 +67,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--shard-size", type=int, default=10_000)
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
-    parser.add_argument("--fail-fast", action="store_true", help="stop at the first bad input")
+    parser.add_argument(
+        "--fail-fast",
+        action="store_true",
+        help="stop at the first bad input (or unreadable source line) instead of an error row",
+    )
     parser.add_argument("--column", help="table column with the text / image path, URL or bytes")
     parser.add_argument("--id-column", help="table column with ids (default: row number)")
     parser.add_argument("--keep", help="comma list of source columns to keep")
@@ -76,6 +82,19 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--precision", help="a precision of the bundle (default: the fastest that passed)"
+    )
+    parser.add_argument(
+        "--hash",
+        choices=("stat", "content"),
+        default="stat",
+        help="how a resume checks a folder source for changes: paths, sizes and mtimes "
+        "(stat, default) or the files' bytes (content: files touched without a change)",
+    )
+    parser.add_argument(
+        "--to",
+        metavar="URL",
+        help="also upsert the ok rows into lancedb://PATH/TABLE, qdrant://HOST:PORT/COLLECTION "
+        "or qdrant:///local/path/COLLECTION (lancedb / qdrant extra)",
     )
     add_arguments(parser, Options, skip=("allow_files",))
     parser.add_argument(

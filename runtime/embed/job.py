@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import itertools
 import os
+import select
 import signal
+import threading
 import time
 import warnings
 from collections import deque
@@ -23,7 +26,14 @@ from clipedge.bundle.manifest import read_manifest
 from clipedge.engine.openvino_backend import OpenVinoOptions
 from clipedge.engine.plan import choose_backend
 from clipedge.errors import ClipEdgeError, OptionError
-from clipedge.inputs.sources import Record, image_records, source_hash, text_records
+from clipedge.inputs.sources import (
+    HASH_MODES,
+    Record,
+    image_records,
+    source_hash,
+    source_path,
+    text_records,
+)
 from clipedge.options import Options
 from clipedge.towers import TEXT, VISION, Prepared, open_towers
 
@@ -39,7 +49,9 @@ class EmbedError(ClipEdgeError, RuntimeError):
 @dataclass(frozen=True)
 class EmbedJob:
     """What to embed, where to, and how. `column` / `id_column` / `keep` name table columns
-    (defaults: "image" or "text", the row number, none)."""
+    (defaults: "image" or "text", the row number, none). `hash`: how a folder source is
+    fingerprinted for resumes ("stat": paths, sizes and mtimes; "content": the files' bytes).
+    `to`: a vector store the ok rows are upserted into at the end (`clipedge.embed.stores`)."""
 
     bundle: Path
     source: str
@@ -58,6 +70,8 @@ class EmbedJob:
     backend: str = "auto"
     precision: str | None = None
     options: Options = field(default_factory=Options)
+    hash: str = "stat"
+    to: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -66,11 +80,18 @@ class EmbedJob:
             raise OptionError(f"dtype must be one of {list(shards.DTYPES)}")
         if self.shard_size < 1 or self.batch_size < 1 or self.workers < 0:
             raise OptionError("shard_size and batch_size must be >= 1, workers >= 0")
+        if self.hash not in HASH_MODES:
+            raise OptionError(f"hash must be one of {list(HASH_MODES)}, got {self.hash!r}")
+        if self.to is not None:
+            from .stores import parse_target
+
+            parse_target(self.to)
 
     def records(self) -> Iterator[Record]:
         read = image_records if self.kind == "images" else text_records
         column = self.column or ("image" if self.kind == "images" else "text")
-        return read(self.source, column, self.id_column, self.keep)
+        on_error = "raise" if self.fail_fast else "record"
+        return read(self.source, column, self.id_column, self.keep, on_error)
 
 
 @dataclass
@@ -80,15 +101,18 @@ class EmbedSummary:
     skipped: int = 0
     seconds: float = 0.0
     output_bytes: int = 0
+    delivered: int | None = None
 
     @property
     def rate(self) -> float:
         return (self.done + self.failed) / self.seconds if self.seconds else 0.0
 
     def line(self) -> str:
+        delivered = "" if self.delivered is None else f", {self.delivered} rows upserted"
         return (
             f"embedded {self.done}, failed {self.failed}, skipped {self.skipped} (finished "
             f"shards), {self.rate:.1f} items/s, output {self.output_bytes / 1e6:.1f} MB"
+            f"{delivered}"
         )
 
 
@@ -99,14 +123,43 @@ PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent(parent: int) -> None:
-    """A worker ends when the job's process dies, however it dies (Linux: the kernel sends
-    SIGKILL; elsewhere the parent's normal exit shuts the pool down)."""
+    """A worker ends when the job's process dies, however it dies (SIGKILL included).
+
+    Two guards. PR_SET_PDEATHSIG (Linux) has the kernel send SIGKILL when the worker's parent
+    *thread* ends: that is the job's process only when it forked the worker itself (the
+    "fork" start method; under "forkserver", Python 3.14's default on Linux, the parent is the
+    fork server). So a watcher thread also waits on the job's process itself (a pidfd; or a
+    poll every 0.2 s where there is none) and ends the worker the moment it is gone.
+    """
+    if os.getppid() == parent:
+        with contextlib.suppress(AttributeError, OSError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        pidfd = os.pidfd_open(parent)
     except (AttributeError, OSError):
-        return
-    if os.getppid() != parent:  # the parent died before prctl took effect
+        pidfd = None
+    if not _alive(parent):  # the job died before the guards were in place
         os._exit(1)
+    threading.Thread(target=_watch, args=(parent, pidfd), daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _watch(parent: int, pidfd: int | None) -> None:
+    if pidfd is not None:
+        select.select([pidfd], [], [])  # readable when the process has ended
+    else:
+        while _alive(parent) and os.getppid() != 1:
+            time.sleep(0.2)
+    os._exit(1)
 
 
 def _init_worker(bundle: str, tower: str, options: Options, parent: int) -> None:
@@ -132,8 +185,9 @@ def _run_manifest(job: EmbedJob, model: clipedge.ClipEdgeModel) -> dict[str, Any
         "model": "jina-clip-v2",
         "precision": model.precisions[KINDS[job.kind]],
         "kind": job.kind,
-        "source": str(job.source),
-        "source_sha256": source_hash(job.source),
+        "source": source_path(job.source),
+        "source_sha256": source_hash(job.source, job.hash),
+        "hash": job.hash,
         "dimensions": job.dimensions or model.manifest.embed_dim,
         "task": job.task,
         "shard_size": job.shard_size,
@@ -149,6 +203,8 @@ def _check_resume(out_dir: Path, expected: dict[str, Any]) -> None:
         if any(out_dir.glob("part-*.parquet")):
             raise EmbedError(f"{out_dir} holds shards but no {shards.MANIFEST}: not resuming")
         return
+    previous.setdefault("hash", "stat")  # manifests written before --hash
+    previous["source"] = source_path(previous.get("source", ""))
     changed = [k for k in expected if previous.get(k) != expected[k]]
     if changed:
         key = changed[0]
@@ -184,6 +240,7 @@ class Embedder:
         )
         self.tower = self.model.tower(KINDS[job.kind])
         self.options = self.model.finish_options(job.dimensions, True, option="dimensions")
+        self.dim = self.options.truncate_dim or self.model.manifest.embed_dim
 
     def _executor(self) -> Executor:
         if self.job.kind == "images" and self.job.workers > 0:
@@ -209,6 +266,28 @@ class Embedder:
     def embed_items(self, items: list[Any]) -> tuple[np.ndarray, list[str | None]]:
         """Vectors and per-item error reasons for one batch of items, prepared here."""
         return self.embed_prepared(self._prepare(items))
+
+    def embed_records(self, records: list[Record]) -> tuple[np.ndarray, list[str | None]]:
+        """Vectors and error reasons of records; those the source could not read keep their
+        reason (and a zero vector) and never reach the model."""
+        valid = [i for i, record in enumerate(records) if record.error is None]
+        embedded = self.embed_items([records[i].item for i in valid]) if valid else None
+        return self.scatter(records, valid, embedded)
+
+    def scatter(
+        self,
+        records: list[Record],
+        valid: list[int],
+        embedded: tuple[np.ndarray, list[str | None]] | None,
+    ) -> tuple[np.ndarray, list[str | None]]:
+        """The results of the `valid` records back in their places among all `records`."""
+        vectors = np.zeros((len(records), self.dim), np.float32)
+        errors: list[str | None] = [record.error for record in records]
+        if embedded is not None:
+            vectors[valid] = embedded[0]
+            for position, error in zip(valid, embedded[1], strict=True):
+                errors[position] = error
+        return vectors, errors
 
 
 def _reason(error: ClipEdgeError | None) -> str | None:
@@ -259,10 +338,16 @@ class Runner(Embedder):
         ) as bar:
             self._embed_all(done, summary, bar)
         summary.seconds = time.monotonic() - started
+        last_run = asdict(summary) | {"rate": summary.rate}
+        del last_run["delivered"]
+        counts = shards.count_rows(job.out_dir)
         shards.write_manifest(
-            job.out_dir,
-            {**manifest, "complete": True, "counts": asdict(summary) | {"rate": summary.rate}},
+            job.out_dir, {**manifest, "complete": True, "counts": counts, "last_run": last_run}
         )
+        if job.to is not None:
+            from .stores import deliver
+
+            summary.delivered = deliver(job.out_dir, job.to, job.keep)
         return summary
 
     def _embed_all(self, done: set[int], summary: EmbedSummary, bar) -> None:
@@ -275,10 +360,11 @@ class Runner(Embedder):
             for entry in itertools.islice(batches, 2 * max(1, self.job.workers)):
                 pending.append((entry, self._submit(executor, entry[1], uses_workers)))
             while pending:
-                (shard, records, last), future = pending.popleft()
+                (shard, records, last), (valid, future) = pending.popleft()
                 for entry in itertools.islice(batches, 1):
                     pending.append((entry, self._submit(executor, entry[1], uses_workers)))
-                vectors, errors = self.embed_prepared(future.result())
+                embedded = self.embed_prepared(future.result()) if valid else None
+                vectors, errors = self.scatter(records, valid, embedded)
                 self._collect(rows, records, vectors, errors, summary)
                 bar.update(len(records))
                 if last:
@@ -292,14 +378,19 @@ class Runner(Embedder):
             rows["ids"],
             np.concatenate(rows["vectors"]),
             rows["errors"],
-            {k: [r[k] for r in rows["keep"]] for k in self.job.keep},
+            {k: [r.get(k) for r in rows["keep"]] for k in self.job.keep},
             self.job.dtype,
         )
         summary.output_bytes += path.stat().st_size
 
     def _submit(self, executor: Executor, records: list[Record], uses_workers: bool):
-        items = [r.item for r in records]
-        return executor.submit(_prepare_in_worker if uses_workers else self._prepare, items, 0)
+        """(positions of the readable records, the future of their preparation)."""
+        valid = [i for i, record in enumerate(records) if record.error is None]
+        if not valid:
+            return valid, None
+        items = [records[i].item for i in valid]
+        prepare = _prepare_in_worker if uses_workers else self._prepare
+        return valid, executor.submit(prepare, items, 0)
 
     def _collect(self, rows, records, vectors, errors, summary: EmbedSummary) -> None:
         for record, error in zip(records, errors, strict=True):

@@ -70,6 +70,20 @@ def write_shard(
     return final
 
 
+def count_rows(out_dir: Path) -> dict[str, int]:
+    """Rows, ok (`done`) and error (`failed`) rows and shards of the whole output (every run
+    that wrote into it), read from the shards' status column."""
+    counts = {"rows": 0, "done": 0, "failed": 0, "shards": 0, "output_bytes": 0}
+    for path in sorted(out_dir.glob("part-*.parquet")):
+        status = pq.read_table(path, columns=["status"])["status"].to_pylist()
+        counts["rows"] += len(status)
+        counts["done"] += status.count("ok")
+        counts["failed"] += len(status) - status.count("ok")
+        counts["shards"] += 1
+        counts["output_bytes"] += path.stat().st_size
+    return counts
+
+
 def read_manifest(out_dir: Path) -> dict[str, Any] | None:
     path = out_dir / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else None
