@@ -53,7 +53,7 @@ def test_read_texts_txt_and_jsonl(tmp_path):
     assert read_texts(plain) == ["one", "two"]
     bad = tmp_path / "t.jsonl"
     bad.write_text('{"caption": "x"}\n')
-    with pytest.raises(CalibrationDataError, match="t.jsonl:1: no 'text' field"):
+    with pytest.raises(CalibrationDataError, match="t.jsonl:line 1: no 'text' field"):
         read_texts(bad)
 
 
