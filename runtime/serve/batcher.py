@@ -4,8 +4,10 @@ Each request's items arrive prepared (token ids, or preprocessed pixels). The to
 takes what is queued, up to `max_batch` items, waiting at most `max_wait` for more after the
 first (default 0: nothing waits when the model is idle, and under load the requests that
 arrive while a batch runs form the next one); rows are run in the tower's order in chunks
-so a batch pads little. Each chunk goes through the model's one `Pipeline` (engine limits,
-retry item by item), so one bad item fails only its own request. Results are the pooled,
+so a batch pads little, each within `max_batch` items and the pipeline's padded-token budget
+(`max_batch_tokens`: long texts run in small batches). Each chunk goes through the model's
+one `Pipeline` (engine limits, retry item by item), so one bad item fails only its own
+request. Results are the pooled,
 checked, not yet truncated vectors: each request truncates and normalises its own.
 """
 
@@ -104,11 +106,13 @@ class TowerBatcher:
     def _loop(self) -> None:
         while True:
             taken, stop = self._take()
-            live = [w for w in taken if w.future.set_running_or_notify_cancel()]
+            live = [w for w in taken if not w.future.cancelled()]
             rows = [w.row for w in live]
-            live = [live[i] for i in self.pipeline.tower.batch_order(rows, range(len(live)))]
-            for start in range(0, len(live), self.max_batch):
-                self._run(live[start : start + self.max_batch])
+            for chunk in self.pipeline.plan(rows, range(len(live)), self.max_batch):
+                # Items of requests that timed out meanwhile (cancelled futures) are dropped.
+                work = [live[i] for i in chunk if live[i].future.set_running_or_notify_cancel()]
+                if work:
+                    self._run(work)
             self.last_progress = time.monotonic()
             if stop:
                 return
