@@ -388,3 +388,12 @@ def test_every_command_reports_errors_one_way(tiny_bundle, tmp_path):
     assert bad_option.stderr.startswith("clipedge embed: error: max_image_pixels must be")
     verify = run_cli("verify", str(tmp_path / "missing"))
     assert verify.returncode == 1 and verify.stderr.startswith("clipedge verify: error:")
+
+
+def test_the_text_session_returns_memory_after_a_long_text(tiny_bundle):
+    """onnxruntime's CPU arena would keep a long text's attention buffers for good; text
+    sessions run without it (vision's fixed shapes keep it)."""
+    model = clipedge.load(tiny_bundle, backend="cpu")
+    session = model.session("text")._session
+    assert session.get_session_options().enable_cpu_mem_arena is False
+    assert model.session("vision")._session.get_session_options().enable_cpu_mem_arena is True
