@@ -190,6 +190,9 @@ def test_slow_headers_are_cut_off(hostile):
             except TimeoutError:
                 pass
         assert closed and time.monotonic() - started < 2.5
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:  # a 300 kB head
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 400")
 
 
 def test_stalled_urls_do_not_delay_other_requests_and_concurrency_is_capped(hostile, images):  # noqa: F811
