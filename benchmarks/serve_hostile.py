@@ -74,6 +74,7 @@ def start_server(bundle: Path, extra: list[str]) -> tuple[subprocess.Popen, str]
 def good_load(base: str, clients: int, seconds: float) -> dict:
     image = small_png()
     latencies: list[float] = []
+    by_kind: dict[str, list[float]] = {"text": [], "image": []}
     errors: Counter = Counter()
     stop = time.monotonic() + seconds
     lock = threading.Lock()
@@ -92,6 +93,7 @@ def good_load(base: str, clients: int, seconds: float) -> dict:
             with lock:
                 if code == 200:
                     latencies.append(time.perf_counter() - started)
+                    by_kind["text" if item is TEXT else "image"].append(latencies[-1])
                 else:
                     errors[str(code)] += 1
             n += 1
@@ -102,7 +104,15 @@ def good_load(base: str, clients: int, seconds: float) -> dict:
     for thread in threads:
         thread.join()
     latencies.sort()
+    for values in by_kind.values():
+        values.sort()
     return {
+        "p99_ms_text": 1000 * by_kind["text"][int(0.99 * (len(by_kind["text"]) - 1))]
+        if by_kind["text"]
+        else None,
+        "p99_ms_image": 1000 * by_kind["image"][int(0.99 * (len(by_kind["image"]) - 1))]
+        if by_kind["image"]
+        else None,
         "requests": len(latencies),
         "errors": dict(errors),
         "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
@@ -186,7 +196,8 @@ def print_hostile(results: dict) -> None:
         r = results[name]
         print(
             f"good clients, {name:7s}: {r['requests']} ok, errors {r['errors'] or 'none'}, "
-            f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms"
+            f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms (texts {r['p99_ms_text']:.0f}, "
+            f"images {r['p99_ms_image']:.0f})"
         )
     print("attacks:", ", ".join(f"{k} x{v}" for k, v in sorted(results["attacks"].items())))
     print(

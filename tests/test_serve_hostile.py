@@ -113,8 +113,9 @@ def test_long_texts_never_share_a_batch_over_the_token_budget(model):  # noqa: F
     futures = batcher.submit(rows)
     assert [f.result(5)[0] for f in futures] == [5, 6, 7, 8, 9, 4]
     batcher.close()
-    # Longest first: [60] alone (60+40 pads to 120), [40, 30], [20, 10, 10].
-    assert pipeline.session.batches == [1, 2, 3]
+    # Grouped longest first: [60] alone (60+40 pads to 120), [40, 30], [20, 10, 10]; run
+    # shortest batch first.
+    assert pipeline.session.batches == [3, 2, 1]
 
 
 def test_deep_json_is_400_and_metric_labels_stay_bounded(hostile):
@@ -240,3 +241,16 @@ def test_a_path_as_url_reveals_nothing(hostile, path):
     assert response.status_code == 400
     message = json.dumps(response.json())
     assert "local file paths are not accepted" in message and path not in message
+
+
+def test_a_short_text_waits_for_one_long_batch_not_all(model):  # noqa: F811
+    pipeline = fake_pipeline(model, delay=0.3)
+    pipeline.max_batch_tokens = 100
+    batcher = TowerBatcher(pipeline, max_batch=32, max_wait_s=0.0, max_queue=64)
+    long = batcher.submit([[5] * 90] * 4)  # one batch each: 1.2 s in all
+    time.sleep(0.1)
+    short = batcher.submit([[7]])[0]
+    assert short.result(5)[0] == 7
+    assert sum(f.done() for f in long) <= 2  # it overtook the long ones still waiting
+    assert all(f.result(5)[0] == 5 for f in long)
+    batcher.close()
