@@ -254,3 +254,18 @@ def test_a_short_text_waits_for_one_long_batch_not_all(model):  # noqa: F811
     assert sum(f.done() for f in long) <= 2  # it overtook the long ones still waiting
     assert all(f.result(5)[0] == 5 for f in long)
     batcher.close()
+
+
+def test_long_texts_keep_moving_under_a_stream_of_short_ones(model):  # noqa: F811
+    pipeline = fake_pipeline(model, delay=0.1)
+    pipeline.max_batch_tokens = 100
+    batcher = TowerBatcher(pipeline, max_batch=32, max_wait_s=0.0, max_queue=256)
+    batcher.submit([[7]])  # the model is busy when the rest arrive
+    long = batcher.submit([[5] * 90] * 2)
+    started, shorts = time.monotonic(), []
+    while not all(f.done() for f in long) and time.monotonic() - started < 5:
+        shorts += batcher.submit([[7]] * 3)
+        time.sleep(0.03)
+    assert all(f.done() for f in long) and time.monotonic() - started < 2.0
+    batcher.close()
+    assert all(f.result(5)[0] == 7 for f in shorts)
