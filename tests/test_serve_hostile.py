@@ -7,6 +7,7 @@ bounded in count and time.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import socket
 import threading
@@ -18,6 +19,7 @@ import pytest
 requests = pytest.importorskip("requests")
 pytest.importorskip("fastapi", reason="the server needs the serve extra")
 import uvicorn  # noqa: E402
+from PIL import Image  # noqa: E402
 from test_serve import PNG, embed, fake_pipeline, free_port, images, model, wait_ready  # noqa: E402,F401
 
 from clipedge.options import Options  # noqa: E402
@@ -162,6 +164,13 @@ def test_one_deadline_covers_fetching_and_the_body(hostile, images):  # noqa: F8
     started = time.monotonic()
     response = embed(base, {"input": [{"url": f"{images}/slow.jpg"}]})  # trickles for 20 s
     assert response.status_code == 504, response.text
+    assert time.monotonic() - started < 1.5
+    # Decoding too: eight 4000x4000 images take longer than the 1 s the request has.
+    out = io.BytesIO()
+    Image.new("RGB", (4000, 4000), (9, 99, 199)).save(out, "PNG")
+    big = {"bytes": base64.b64encode(out.getvalue()).decode()}
+    started = time.monotonic()
+    assert embed(base, {"input": [big] * 8}).status_code == 504
     assert time.monotonic() - started < 1.5
     # A body that never finishes: 408 at the deadline, not a connection held for ever.
     with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=5) as sock:
