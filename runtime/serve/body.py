@@ -10,6 +10,9 @@ from typing import Any
 
 from .errors import ApiError
 
+# Bodies at least this large are parsed off the event loop.
+LARGE_BODY = 1 << 20
+
 
 def check_key(headers: Any, key: str | None) -> None:
     """401 (with the `WWW-Authenticate` challenge RFC 6750 asks for) unless the request
@@ -44,7 +47,10 @@ async def read_json(request: Any, limit: int, deadline: float) -> Any:
         raise ApiError(
             408, "the request body did not arrive within the request timeout", code="body_timeout"
         ) from None
-    return parse_json(b"".join(chunks))
+    data = b"".join(chunks)
+    if len(data) < LARGE_BODY:
+        return parse_json(data)
+    return await asyncio.to_thread(parse_json, data)  # the event loop keeps serving meanwhile
 
 
 def parse_json(data: bytes) -> Any:
