@@ -9,6 +9,7 @@ the server overhead at one client is p50 minus that. The clients run on the same
 take CPU from the servers: compare rows with each other, not with other machines.
 
 Usage: python -m benchmarks.serve --bundle DIR [--precision int8-cpu] [--seconds 8]
+       python -m benchmarks.serve --bundle DIR --hostile [--attackers 6]   (serve_hostile.py)
 """
 
 from __future__ import annotations
@@ -183,8 +184,18 @@ def main() -> None:
     parser.add_argument("--precision", default="")
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--hostile", action="store_true", help="good clients under attack")
+    parser.add_argument("--attackers", type=int, default=6)
+    parser.add_argument("--server-args", default="", help="extra clipedge serve flags")
     add_output_arguments(parser)
-    run_or_render(parser.parse_args(), run, print_table, render_charts)
+    args = parser.parse_args()
+    if args.hostile:
+        from .serve_hostile import print_hostile, run_hostile
+
+        extra = args.server_args.split()
+        print_hostile(run_hostile(args.bundle, args.seconds, args.attackers, extra))
+        return
+    run_or_render(args, run, print_table, render_charts)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -97,7 +97,9 @@ class ClipEdgeModel:
                     graph, self.manifest.towers[name], self.backend_options, self.plan.auto
                 )
                 log.info("%s tower: %s on %s", name, graph.name, session.provider)
-                self._pipelines[name] = Pipeline(tower, session, self.manifest.embed_dim)
+                self._pipelines[name] = Pipeline(
+                    tower, session, self.manifest.embed_dim, self.options.max_batch_tokens
+                )
             return self._pipelines[name]
 
     def session(self, name: str) -> TowerSession:

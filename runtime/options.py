@@ -42,6 +42,13 @@ class Options:
         default=DEFAULT_MAX_PIXELS,
         metadata=_help("largest image accepted, in pixels (none: Pillow's own guard only)"),
     )
+    max_batch_tokens: int | None = field(
+        default=None,
+        metadata=_help(
+            "padded text tokens per model run: rows x the longest row (default: no limit; "
+            "clipedge serve: 16384); a longer text alone is refused"
+        ),
+    )
     allow_urls: bool = field(default=False, metadata=_help("fetch http(s) image URLs"))
     allow_private_urls: bool = field(
         default=False, metadata=_help("also from private, loopback and link-local addresses")
@@ -74,6 +81,7 @@ class Options:
     def __post_init__(self) -> None:
         _check_int("max_length", self.max_length, MIN_MAX_LENGTH, none_ok=True)
         _check_int("max_image_pixels", self.max_image_pixels, 1, none_ok=True)
+        _check_int("max_batch_tokens", self.max_batch_tokens, MIN_MAX_LENGTH, none_ok=True)
         _check_int("max_url_bytes", self.max_url_bytes, 1)
         _check_int("threads", self.threads, 1, none_ok=True)
         _check_int("preprocess_workers", self.preprocess_workers, 1, none_ok=True)

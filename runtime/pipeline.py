@@ -89,29 +89,66 @@ def check_batch_size(batch_size: object) -> int:
     return int(batch_size)
 
 
+def plan_batches(
+    tower: Tower,
+    rows: Sequence[Any],
+    items: Sequence[int],
+    batch_size: int,
+    limits: EngineLimits = NO_LIMITS,
+    max_batch_tokens: int | None = None,
+) -> list[list[int]]:
+    """`items` (indices into `rows`) grouped into batches in the tower's order: at most the
+    engine's largest batch each and, with `max_batch_tokens`, at most that many padded
+    tokens (rows x the batch's longest row; texts run longest first, so long texts get
+    small batches). A row longer than the budget runs alone (`over_limit` refuses it first)."""
+    size = limits.batch_size(check_batch_size(batch_size))
+    chunks: list[list[int]] = []
+    chunk: list[int] = []
+    widest = 0
+    for item in tower.batch_order(rows, items):
+        length = (tower.length(rows[item]) or 0) if max_batch_tokens else 0
+        width = max(widest, length)
+        if chunk and (
+            len(chunk) >= size or (max_batch_tokens and width * (len(chunk) + 1) > max_batch_tokens)
+        ):
+            chunks.append(chunk)
+            chunk, width = [], length
+        chunk.append(item)
+        widest = width
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
 def batches(
     tower: Tower,
     rows: Sequence[Any],
     items: Sequence[int],
     batch_size: int,
     limits: EngineLimits = NO_LIMITS,
+    max_batch_tokens: int | None = None,
 ) -> Iterator[TowerBatch]:
-    """Batches of `items` (indices into `rows`) in the tower's order, at most the engine's
-    largest batch each (calibration builds its graph inputs with this too)."""
-    size = limits.batch_size(check_batch_size(batch_size))
-    order = tower.batch_order(rows, items)
-    for start in range(0, len(order), size):
-        chunk = order[start : start + size]
+    """Batches of `items` (indices into `rows`) as `plan_batches` groups them, with their
+    graph inputs (calibration builds its graph inputs with this too)."""
+    for chunk in plan_batches(tower, rows, items, batch_size, limits, max_batch_tokens):
         yield TowerBatch(tower.feeds([rows[i] for i in chunk]), chunk)
 
 
 class Pipeline:
-    """One tower's prepared rows through one session."""
+    """One tower's prepared rows through one session; `max_batch_tokens` caps the padded
+    text tokens of one run (None: batches are cut by count only)."""
 
-    def __init__(self, tower: Tower, session: TowerSession, embed_dim: int) -> None:
+    def __init__(
+        self,
+        tower: Tower,
+        session: TowerSession,
+        embed_dim: int,
+        max_batch_tokens: int | None = None,
+    ) -> None:
         self.tower = tower
         self.session = session
         self.embed_dim = embed_dim
+        self.max_batch_tokens = max_batch_tokens
 
     @property
     def limits(self) -> EngineLimits:
@@ -120,11 +157,23 @@ class Pipeline:
     def batches(
         self, rows: Sequence[Any], items: Sequence[int], batch_size: int
     ) -> Iterator[TowerBatch]:
-        return batches(self.tower, rows, items, batch_size, self.limits)
+        return batches(self.tower, rows, items, batch_size, self.limits, self.max_batch_tokens)
+
+    def plan(self, rows: Sequence[Any], items: Sequence[int], batch_size: int) -> list[list[int]]:
+        """How `run_rows` would group `items` into batches (a server's batcher runs them)."""
+        limits = self.limits
+        return plan_batches(self.tower, rows, items, batch_size, limits, self.max_batch_tokens)
 
     def over_limit(self, row: Any, index: int) -> EngineLimitError | None:
         """The error of a row the engine cannot take (None when it fits)."""
         length, longest = self.tower.length(row), self.limits.max_length
+        budget = self.max_batch_tokens
+        if length is not None and budget is not None and length > budget:
+            return EngineLimitError(
+                index,
+                f"{length} tokens exceed max_batch_tokens={budget}, the most one model run "
+                "takes; send a shorter text or raise max_batch_tokens",
+            )
         if length is None or longest is None or length <= longest:
             return None
         return EngineLimitError(

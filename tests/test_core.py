@@ -104,6 +104,22 @@ def test_a_failing_item_costs_only_itself(model):
     assert str(embedded.errors[1]).startswith("item 11: the text engine failed: RuntimeError")
 
 
+def test_max_batch_tokens_bounds_padded_tokens_without_changing_results(tiny_bundle):
+    texts = ["word " * 70, "a", "word " * 40, "b c", "word " * 60, "d"]
+    plain = clipedge.load(tiny_bundle, backend="cpu")
+    budget = clipedge.load(tiny_bundle, backend="cpu", max_batch_tokens=300)
+    pipeline = budget.pipeline("text")
+    rows = [pipeline.tower.prepare([t]).row(0) for t in texts]
+    plan = pipeline.plan(rows, range(len(rows)), 32)
+    assert len(plan) > 1 and sorted(i for chunk in plan for i in chunk) == list(range(6))
+    for chunk in plan:
+        assert len(chunk) * max(len(rows[i]) for i in chunk) <= 300
+    np.testing.assert_allclose(budget.encode_text(texts), plain.encode_text(texts), atol=1e-6)
+    alone = budget.pipeline("text").run_rows([rows[1], [0, *[5] * 400, 2]], 8, RAW)
+    assert alone.errors[0] is None and isinstance(alone.errors[1], EngineLimitError)
+    assert str(alone.errors[1]).startswith("item 1: 402 tokens exceed max_batch_tokens=300")
+
+
 def test_nan_errors_name_the_lowest_item_and_count_the_rest(model):
     class Nan:
         provider = "nan"
@@ -383,3 +399,12 @@ def test_every_command_reports_errors_one_way(tiny_bundle, tmp_path):
     )
     assert bad_option.returncode == 2
     assert bad_option.stderr.startswith("clipedge embed: error: max_image_pixels must be")
+
+
+def test_the_text_session_returns_memory_after_a_long_text(tiny_bundle):
+    """onnxruntime's CPU arena would keep a long text's attention buffers for good; text
+    sessions run without it (vision's fixed shapes keep it)."""
+    model = clipedge.load(tiny_bundle, backend="cpu")
+    session = model.session("text")._session
+    assert session.get_session_options().enable_cpu_mem_arena is False
+    assert model.session("vision")._session.get_session_options().enable_cpu_mem_arena is True

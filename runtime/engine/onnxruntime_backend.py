@@ -34,11 +34,16 @@ GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 @dataclass(frozen=True)
 class OnnxruntimeOptions:
     """onnxruntime settings: `threads` intra-op threads (None: one per physical core),
-    `optimization` one of OPT_LEVELS, `provider_options` raw options per provider name."""
+    `optimization` one of OPT_LEVELS, `provider_options` raw options per provider name,
+    `cpu_arena` onnxruntime's CPU memory arena (None: off for graphs whose shapes vary with
+    text length, on for fixed shapes: the arena keeps the largest run's memory for good,
+    e.g. +560 MB held after one 4096-token text on the tiny bundle; without it memory
+    returns after the run, measured faster than the arena-shrinkage run option)."""
 
     threads: int | None = None
     optimization: str = "all"
     provider_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    cpu_arena: bool | None = None
 
     def __post_init__(self) -> None:
         if self.optimization not in OPT_LEVELS:
@@ -130,6 +135,9 @@ class OrtSession:
         )
         if options.threads is not None:
             session_options.intra_op_num_threads = options.threads
+        varying = tower is not None and any(spec.name == "input_ids" for spec in tower.inputs)
+        arena = options.cpu_arena if options.cpu_arena is not None else not varying
+        session_options.enable_cpu_mem_arena = arena
         if providers[0] in GPU_PROVIDERS:
             preload_cuda_libraries()
         provider_options = [dict(options.provider_options.get(p, {})) for p in providers]

@@ -44,7 +44,10 @@ class AccessLog:
             await self.app(scope, receive, record)
         finally:
             elapsed = time.monotonic() - started
-            route = scope["path"]
+            # The matched route's template; one label for every path no route knows, so
+            # random paths cannot grow /metrics.
+            matched = scope.get("route")
+            route = getattr(matched, "path", None) or "unmatched"
             self.metrics.latency.labels(route).observe(elapsed)
             self.metrics.requests.labels(route, str(seen["status"]), seen["error"]).inc()
             client = scope.get("client")
@@ -53,7 +56,7 @@ class AccessLog:
                     {
                         "request_id": request_id,
                         "method": scope["method"],
-                        "path": route,
+                        "path": scope["path"][:200],
                         "status": seen["status"],
                         "ms": round(elapsed * 1000, 2),
                         "client": client[0] if client else None,

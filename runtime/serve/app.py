@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -18,7 +16,9 @@ from starlette.exceptions import HTTPException
 import clipedge
 from clipedge.errors import ClipEdgeError
 
+from . import schema
 from .access_log import AccessLog
+from .body import check_key, read_json
 from .errors import ApiError, api_error
 from .metrics import Metrics
 from .requests import parse_request
@@ -26,30 +26,6 @@ from .service import Service
 from .settings import ServeSettings
 
 log = logging.getLogger("clipedge.serve")
-
-
-def _authorised(request: Request, key: str | None) -> bool:
-    if key is None:
-        return True
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), key.encode())
-
-
-async def _read_body(request: Request, limit: int) -> Any:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body over {limit} bytes", code="body_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body over {limit} bytes", code="body_too_large")
-        chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
 
 
 def create_app(settings: ServeSettings, model: clipedge.ClipEdgeModel | None = None) -> FastAPI:
@@ -72,7 +48,8 @@ def create_app(settings: ServeSettings, model: clipedge.ClipEdgeModel | None = N
         await starting
         await run_in_threadpool(service.close)
 
-    app = FastAPI(title="clipedge", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="clipedge", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.openapi = lambda: schema.openapi(app)  # type: ignore[method-assign]
     app.state.service = service
 
     app.add_middleware(AccessLog, metrics=metrics)
@@ -87,7 +64,8 @@ def create_app(settings: ServeSettings, model: clipedge.ClipEdgeModel | None = N
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return await api_error_response(request, ApiError(exc.status_code, str(exc.detail)))
+        error = ApiError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+        return await api_error_response(request, error)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -117,37 +95,44 @@ def create_app(settings: ServeSettings, model: clipedge.ClipEdgeModel | None = N
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
-        if not _authorised(request, settings.api_key):
-            raise ApiError(
-                401,
-                "missing or wrong API key (Authorization: Bearer <key>)",
-                code="invalid_api_key",
-            )
+        check_key(request.headers, settings.api_key)
         return {
             "object": "list",
             "data": [{"id": settings.model_name, "object": "model", "owned_by": "clipedge"}],
         }
 
-    @app.post("/v1/embeddings")
-    async def embeddings(request: Request) -> dict[str, Any]:
+    @app.post(
+        "/v1/embeddings",
+        response_model=None,
+        responses={200: {"model": schema.EmbeddingResponse}, **schema.ERRORS},
+        openapi_extra=schema.REQUEST_BODY,
+    )
+    async def embeddings(request: Request) -> JSONResponse:
+        """Embed texts, images and token ids (the Jina and the OpenAI request)."""
         deadline = time.monotonic() + settings.request_timeout
-        if not _authorised(request, settings.api_key):
-            raise ApiError(
-                401,
-                "missing or wrong API key (Authorization: Bearer <key>)",
-                code="invalid_api_key",
-            )
+        check_key(request.headers, settings.api_key)
         if service.failed:
             raise ApiError(503, f"the model could not be loaded: {service.failed}", code="failed")
         if not service.ready:
             raise ApiError(
                 503, "the model is still loading", code="not_ready", headers={"Retry-After": "5"}
             )
-        body = await _read_body(request, settings.max_body_bytes)
-        model = service.model
-        parsed = parse_request(
-            body, settings, model.manifest.embed_dim, model.manifest.task_instructions
-        )
-        return await service.embed(parsed, deadline)
+        if service.active >= settings.max_concurrency:
+            raise ApiError(
+                429,
+                f"{service.active} requests are being served (--max-concurrency); retry shortly",
+                code="too_many_requests",
+                headers={"Retry-After": "1"},
+            )
+        service.active += 1
+        try:
+            body = await read_json(request, settings.max_body_bytes, deadline)
+            model = service.model
+            parsed = parse_request(
+                body, settings, model.manifest.embed_dim, model.manifest.task_instructions
+            )
+            return JSONResponse(await service.embed(parsed, deadline))
+        finally:
+            service.active -= 1
 
     return app

@@ -4,8 +4,10 @@ Each request's items arrive prepared (token ids, or preprocessed pixels). The to
 takes what is queued, up to `max_batch` items, waiting at most `max_wait` for more after the
 first (default 0: nothing waits when the model is idle, and under load the requests that
 arrive while a batch runs form the next one); rows are run in the tower's order in chunks
-so a batch pads little. Each chunk goes through the model's one `Pipeline` (engine limits,
-retry item by item), so one bad item fails only its own request. Results are the pooled,
+so a batch pads little, each within `max_batch` items and the pipeline's padded-token budget
+(`max_batch_tokens`: long texts run in small batches). Each chunk goes through the model's
+one `Pipeline` (engine limits, retry item by item), so one bad item fails only its own
+request. Results are the pooled,
 checked, not yet truncated vectors: each request truncates and normalises its own.
 """
 
@@ -21,6 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from clipedge.pipeline import RAW, Pipeline
+
+# A taken item that has waited this long runs in the next batch, short items or not.
+MAX_AGE_S = 1.0
 
 
 class QueueFull(Exception):
@@ -53,6 +58,8 @@ class TowerBatcher:
         self._observe = observe  # (tower, batch size, oldest queue wait, inference seconds)
         self._queue: queue.Queue[Work | None] = queue.Queue()
         self._admit = threading.Lock()
+        self._pending: list[Work] = []  # taken from the queue, not run yet
+        self._aged_turn = False
         self.last_progress = time.monotonic()
         self._thread = threading.Thread(
             target=self._loop, name=f"clipedge-{self.tower}", daemon=True
@@ -61,7 +68,8 @@ class TowerBatcher:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        """Items waiting: queued, and taken but not yet run."""
+        return self._queue.qsize() + len(self._pending)
 
     def stalled(self, after_s: float) -> bool:
         """Work is waiting and no batch finished for `after_s` seconds."""
@@ -81,8 +89,11 @@ class TowerBatcher:
         self._queue.put(None)
         self._thread.join()
 
-    def _take(self) -> tuple[list[Work], bool]:
-        first = self._queue.get()
+    def _take(self, block: bool) -> tuple[list[Work], bool]:
+        try:
+            first = self._queue.get() if block else self._queue.get_nowait()
+        except queue.Empty:
+            return [], False
         if first is None:
             return [], True
         taken, stop = [first], False
@@ -102,16 +113,35 @@ class TowerBatcher:
         return taken, stop
 
     def _loop(self) -> None:
+        stop = False
         while True:
-            taken, stop = self._take()
-            live = [w for w in taken if w.future.set_running_or_notify_cancel()]
-            rows = [w.row for w in live]
-            live = [live[i] for i in self.pipeline.tower.batch_order(rows, range(len(live)))]
-            for start in range(0, len(live), self.max_batch):
-                self._run(live[start : start + self.max_batch])
+            taken, stopping = self._take(block=not self._pending and not stop)
+            stop = stop or stopping
+            # Items of requests that timed out (cancelled futures) are dropped.
+            live = [w for w in self._pending + taken if not w.future.cancelled()]
+            if live:
+                chunk = self._next(live)
+                self._pending = [w for i, w in enumerate(live) if i not in chunk]
+                work = [live[i] for i in chunk if live[i].future.set_running_or_notify_cancel()]
+                if work:
+                    self._run(work)
+            else:
+                self._pending = []
             self.last_progress = time.monotonic()
-            if stop:
+            if stop and not self._pending and self._queue.empty():
                 return
+
+    def _next(self, live: list[Work]) -> set[int]:
+        """One batch: grouped longest first (little padding), the shortest batch runs first
+        (a short request waits for one batch, not every long text queued before it); while
+        items have waited over MAX_AGE_S, every other batch is the oldest item's, so long
+        texts keep moving too."""
+        plan = self.pipeline.plan([w.row for w in live], range(len(live)), self.max_batch)
+        oldest = min(range(len(live)), key=lambda i: live[i].queued_at)
+        self._aged_turn = not self._aged_turn
+        if self._aged_turn and time.monotonic() - live[oldest].queued_at > MAX_AGE_S:
+            return set(next(c for c in plan if oldest in c))
+        return set(plan[-1])
 
     def _run(self, work: list[Work]) -> None:
         started = time.monotonic()

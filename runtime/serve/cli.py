@@ -12,20 +12,21 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
+    from .protocol import uvicorn_config
     from .service import open_model
 
     settings = settings_from_arguments(args)
     model = open_model(settings)  # a bad bundle, precision or backend: fail before listening
     logging.getLogger("clipedge").setLevel(logging.INFO)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    uvicorn.run(
+    config = uvicorn_config(
         create_app(settings, model),
-        host=settings.host,
-        port=settings.port,
+        settings,
         access_log=False,  # clipedge.serve.access logs one JSON line per request
         timeout_graceful_shutdown=int(settings.request_timeout) + 5,
         log_level="info",
     )
+    uvicorn.Server(config).run()
     return 0
 
 

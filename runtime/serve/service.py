@@ -1,20 +1,20 @@
 """The embedding service without HTTP: the model, one batcher per tower, one request's way.
 
-A request's items are prepared by their towers (per-item errors become a 4xx naming the
+A request's items are prepared (`prepare.py`: per-item errors become a 4xx naming the
 request's item), queued on the towers' batchers, which run them through the model's
-`Pipeline`, then truncated, normalised and encoded. FastAPI lives in `app.py` only.
+`Pipeline`, then truncated, normalised and encoded, all under the request's one deadline.
+FastAPI lives in `app.py` only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import math
 import time
 from typing import Any
 
 import numpy as np
-from starlette.concurrency import run_in_threadpool
 
 import clipedge
 from clipedge.errors import ClipEdgeError
@@ -25,15 +25,11 @@ from .batcher import QueueFull, TowerBatcher
 from .encodings import response_body
 from .errors import ApiError, api_error
 from .metrics import Metrics
-from .requests import IMAGE, TEXT_ITEM, TOKENS, EmbeddingRequest
+from .prepare import Preparer
+from .requests import EmbeddingRequest
 from .settings import ServeSettings
 
 log = logging.getLogger("clipedge.serve")
-# Usage as the hosted API prices images: per 512x512 tile of the image, partial tiles count.
-TOKENS_PER_TILE = 4000
-TILE = 512
-# Requests whose texts are this short are prepared on the event loop (microseconds).
-INLINE_CHARS = 4096
 
 
 def open_model(settings: ServeSettings) -> clipedge.ClipEdgeModel:
@@ -63,6 +59,11 @@ class Service:
         self.batchers: dict[str, TowerBatcher] = {}
         self.ready = False
         self.failed: str | None = None
+        self.active = 0  # embedding requests being served (--max-concurrency)
+
+    @functools.cached_property
+    def preparer(self) -> Preparer:
+        return Preparer(self.settings, self.model)
 
     def start(self) -> None:
         """Load (unless opened already), start the batchers and warm every tower up, which
@@ -92,81 +93,21 @@ class Service:
     def close(self) -> None:
         for batcher in self.batchers.values():
             batcher.close()
+        if "preparer" in self.__dict__:
+            self.preparer.close()
 
     # ----- one request -----------------------------------------------------------------
 
-    def _tower(self, name: str, what: str):
-        if name not in self.batchers:
-            raise ApiError(
-                400, f"this server's bundle has no {name} tower: it cannot embed {what}", "input"
-            )
-        return self.model.tower(name)
-
-    def prepare(self, request: EmbeddingRequest) -> tuple[list[tuple[str, Any]], int]:
-        """Each item's (tower, row) and the usage tokens; 4xx naming a bad item."""
-        rows: list[tuple[str, Any] | None] = [None] * len(request.items)
-        usage = 0
-        texts = [i for i, item in enumerate(request.items) if item.kind == TEXT_ITEM]
-        images = [i for i, item in enumerate(request.items) if item.kind == IMAGE]
-        if texts:
-            tower = self._tower(TEXT.name, "texts")
-            values = [request.items[i].value for i in texts]
-            prepared = tower.prepare(values, task=request.task)
-            for position, index in enumerate(texts):
-                if (error := prepared.errors[position]) is not None:
-                    raise api_error(error, index)
-                if prepared.truncated[position] and not request.truncate:
-                    raise ApiError(
-                        400,
-                        f"item {index}: longer than max_length={tower.default_max_length} "
-                        "tokens; send truncate: true to embed its beginning",
-                        "input",
-                    )
-                rows[index] = (TEXT.name, prepared.row(position))
-                usage += len(prepared.row(position))
-        if images:
-            tower = self._tower(VISION.name, "images")
-            prepared = tower.prepare([request.items[i].value for i in images])
-            for position, index in enumerate(images):
-                if (error := prepared.errors[position]) is not None:
-                    raise api_error(error, index)
-                width, height = prepared.sizes[position]
-                usage += TOKENS_PER_TILE * math.ceil(width / TILE) * math.ceil(height / TILE)
-                rows[index] = (VISION.name, prepared.row(position))
-        for index, item in enumerate(request.items):
-            if item.kind == TOKENS:
-                ids = self._tokens(item.value, index, request)
-                rows[index] = (TEXT.name, ids)
-                usage += len(ids)
-        return rows, usage  # type: ignore[return-value]
-
-    def _tokens(self, ids: list[int], index: int, request: EmbeddingRequest) -> list[int]:
-        tower = self._tower(TEXT.name, "token ids")
-        vocab = tower.tokenizer.vocab_size
-        if any(not 0 <= i < vocab for i in ids):
-            raise ApiError(
-                400,
-                f"item {index}: token ids must be in [0, {vocab}) for this model's tokenizer",
-                "input",
-            )
-        limit = tower.default_max_length
-        if len(ids) > limit and not request.truncate:
-            raise ApiError(400, f"item {index}: {len(ids)} tokens exceed max_length={limit}")
-        return ids[:limit]
-
     async def embed(self, request: EmbeddingRequest, deadline: float) -> dict[str, Any]:
-        texts = sum(len(item.value) for item in request.items if item.kind == TEXT_ITEM)
-        if texts < INLINE_CHARS and all(item.kind != IMAGE for item in request.items):
-            rows, usage = self.prepare(request)  # microseconds: no thread hop
-        else:  # tokenising long texts, fetching and decoding images: off the event loop
-            rows, usage = await run_in_threadpool(self.prepare, request)
-        futures = self._submit(rows)
-        waits = [asyncio.wrap_future(f) for f in futures]
+        """Prepare, queue and wait under one deadline (504 when it passes; the request's
+        preparation stops and its queued items are dropped, the batcher skips them)."""
+        futures: list = []
         try:
-            await asyncio.wait_for(
-                asyncio.gather(*waits, return_exceptions=True),
-                max(0.0, deadline - time.monotonic()),
-            )
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                rows, usage = await self.preparer.prepare(request, deadline)
+                futures = self._submit(rows)
+                waits = (asyncio.wrap_future(f) for f in futures)
+                results = await asyncio.gather(*waits, return_exceptions=True)
         except TimeoutError:
             for future in futures:
                 future.cancel()
@@ -175,14 +116,21 @@ class Service:
                 f"the request took longer than {self.settings.request_timeout} s",
                 code="timeout",
             ) from None
-        for index, future in enumerate(futures):
-            if (error := future.exception()) is not None:
-                if isinstance(error, ClipEdgeError):
-                    raise api_error(error, index)
-                raise error
-        vectors = np.stack([future.result() for future in futures])
+        for index, result in enumerate(results):
+            if isinstance(result, ClipEdgeError):
+                raise api_error(result, index)
+            if isinstance(result, BaseException):
+                raise result
+        vectors = np.stack(results)
         vectors = truncate_and_normalize(vectors, request.dimensions, request.normalized)
-        return response_body(self.settings.model_name, request, vectors, usage)
+        body = response_body(self.settings.model_name, request, vectors, usage)
+        trained = self.model.manifest.matryoshka_dimensions
+        if request.dimensions is not None and trained and request.dimensions not in trained:
+            body["warnings"] = [
+                f"dimensions={request.dimensions} is not one of the trained Matryoshka "
+                f"dimensions {sorted(trained)}; retrieval quality may suffer"
+            ]
+        return body
 
     def _submit(self, rows: list[tuple[str, Any]]) -> list:
         """Queue every item on its tower's batcher: one future per item, in request order."""

@@ -16,6 +16,20 @@ from clipedge.errors import OptionError
 from clipedge.options import Options, add_arguments, from_arguments
 
 ENV_PREFIX = "CLIPEDGE_"
+# The server's --max-batch-tokens when none is given (TEI's default): 32 texts of 512 tokens.
+SERVE_MAX_BATCH_TOKENS = 16384
+POSITIVE = (
+    "max_batch_size",
+    "max_queue",
+    "max_inputs",
+    "max_text_chars",
+    "max_concurrency",
+    "max_connections",
+    "max_header_bytes",
+    "fetch_workers",
+    "fetch_per_request",
+    "max_request_tokens",
+)
 
 
 def _help(text: str) -> dict[str, str]:
@@ -39,17 +53,38 @@ class ServeSettings:
     max_text_chars: int = field(default=200_000, metadata=_help("characters per text"))
     max_body_bytes: int = field(default=64 * 1024 * 1024, metadata=_help("request body size"))
     api_key: str | None = field(default=None, repr=False, metadata=_help("Bearer key"))
-    request_timeout: float = field(default=60.0, metadata=_help("seconds per request"))
+    request_timeout: float = field(
+        default=60.0, metadata=_help("seconds per request: body, preparation, queue, model")
+    )
+    max_concurrency: int = field(
+        default=64, metadata=_help("embedding requests served at once (then 429)")
+    )
+    max_connections: int = field(
+        default=256, metadata=_help("open connections and tasks (then 503, uvicorn's cap)")
+    )
+    header_timeout: float = field(default=10.0, metadata=_help("seconds to send the headers"))
+    keep_alive_timeout: float = field(default=5.0, metadata=_help("idle keep-alive seconds"))
+    max_header_bytes: int = field(default=16384, metadata=_help("request line and headers"))
+    fetch_workers: int = field(default=16, metadata=_help("threads fetching image URLs"))
+    fetch_per_request: int = field(default=4, metadata=_help("URL fetches per request at once"))
+    prepare_workers: int | None = field(
+        default=None, metadata=_help("threads tokenising and decoding (default: one per CPU)")
+    )
+    max_request_tokens: int = field(
+        default=262_144, metadata=_help("text tokens per request (then 413)")
+    )
     options: Options = field(default_factory=lambda: Options(allow_files=False))
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue", "max_inputs", "max_text_chars"):
+        for name in POSITIVE:
             if getattr(self, name) < 1:
                 raise OptionError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.port < 65536:
             raise OptionError(f"port must be in [1, 65535], got {self.port}")
-        if self.max_wait_ms < 0 or self.request_timeout <= 0:
-            raise OptionError("max_wait_ms must be >= 0 and request_timeout > 0")
+        if self.prepare_workers is not None and self.prepare_workers < 1:
+            raise OptionError(f"prepare_workers must be at least 1, got {self.prepare_workers}")
+        if self.max_wait_ms < 0 or min(self.request_timeout, *self.timeouts) <= 0:
+            raise OptionError("max_wait_ms must be >= 0 and every timeout > 0")
         if self.max_inputs > self.max_queue:
             raise OptionError(
                 f"max_inputs ({self.max_inputs}) must not exceed max_queue ({self.max_queue}): "
@@ -58,6 +93,13 @@ class ServeSettings:
         if self.options.allow_files:
             # A client must never make the server read its own disk.
             object.__setattr__(self, "options", self.options.replace(allow_files=False))
+        if self.options.max_batch_tokens is None:
+            tokens = SERVE_MAX_BATCH_TOKENS
+            object.__setattr__(self, "options", self.options.replace(max_batch_tokens=tokens))
+
+    @property
+    def timeouts(self) -> tuple[float, float]:
+        return (self.header_timeout, self.keep_alive_timeout)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:

@@ -69,8 +69,11 @@ class VisionTower:
                 self._executor = ThreadPoolExecutor(self._workers, "clipedge-decode")
             return self._executor
 
-    def prepare(self, items: Sequence[Any], offset: int = 0) -> PreparedImages:
-        """Pixels for every valid image; errors name `offset + position` (the caller's index)."""
+    def prepare(
+        self, items: Sequence[Any], offset: int = 0, *, parallel: bool = True
+    ) -> PreparedImages:
+        """Pixels for every valid image; errors name `offset + position` (the caller's index).
+        `parallel=False` decodes in the calling thread (a server schedules items itself)."""
         sizes: list[tuple[int, int] | None] = [None] * len(items)
 
         def load(item: Any, position: int) -> Image.Image:
@@ -79,7 +82,11 @@ class VisionTower:
             return image
 
         pixels, errors = preprocess_images_collect(
-            items, self.preprocessor, load=load, executor=self._pool(), first_index=offset
+            items,
+            self.preprocessor,
+            load=load,
+            executor=self._pool() if parallel else None,
+            first_index=offset,
         )
         return PreparedImages(list(errors), pixels, sizes)
 

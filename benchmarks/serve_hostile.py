@@ -1,0 +1,206 @@
+"""`python -m benchmarks.serve --hostile`: good clients while a second group attacks.
+
+One `clipedge serve` on 127.0.0.1 (`--allow-urls --allow-private-urls`, so image URLs may
+point at the local stalling server below). 32 well-behaved clients send short texts and small
+base64 images for `--seconds`, first alone, then while `--attackers` threads send, in turn:
+long texts with truncate (8192-char texts x 64), image URLs that stall (a server on
+127.0.0.1 that trickles one byte a second), bodies over the size cap, JSON nested 100 000
+deep, and headers trickled a byte at a time. Everything goes to loopback and stops at the
+deadline. Prints errors of good requests, their p50/p99 with and without the attackers, what
+the attackers got, and the server's peak RSS (VmHWM).
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import requests
+
+from .serve import free_port
+
+TEXT = "a photo of a cat sitting on a red sofa"
+
+
+class Stalling(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Length: 100000\r\n\r\n")
+        for _ in range(60):
+            try:
+                self.wfile.write(b"x")
+                self.wfile.flush()
+            except OSError:
+                return
+            time.sleep(1)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def small_png() -> str:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), (120, 30, 200)).save(out, "PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def start_server(bundle: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "clipedge.cli", "serve", str(bundle), "--port", str(port)]
+    command += ["--backend", "cpu", "--allow-urls", "--allow-private-urls", *extra]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{base}/ready", timeout=2).status_code == 200:
+                return process, base
+        except requests.ConnectionError:
+            time.sleep(0.3)
+    process.kill()
+    raise RuntimeError("the server did not become ready")
+
+
+def good_load(base: str, clients: int, seconds: float) -> dict:
+    image = small_png()
+    latencies: list[float] = []
+    by_kind: dict[str, list[float]] = {"text": [], "image": []}
+    errors: Counter = Counter()
+    stop = time.monotonic() + seconds
+    lock = threading.Lock()
+
+    def client(seed: int) -> None:
+        session = requests.Session()
+        n = 0
+        while time.monotonic() < stop:
+            item = TEXT if (seed + n) % 2 else {"bytes": image}
+            started = time.perf_counter()
+            try:
+                code = session.post(f"{base}/v1/embeddings", json={"input": [item]}, timeout=30)
+                code = code.status_code
+            except requests.RequestException as exc:
+                code = type(exc).__name__
+            with lock:
+                if code == 200:
+                    latencies.append(time.perf_counter() - started)
+                    by_kind["text" if item is TEXT else "image"].append(latencies[-1])
+                else:
+                    errors[str(code)] += 1
+            n += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    latencies.sort()
+    for values in by_kind.values():
+        values.sort()
+    return {
+        "p99_ms_text": 1000 * by_kind["text"][int(0.99 * (len(by_kind["text"]) - 1))]
+        if by_kind["text"]
+        else None,
+        "p99_ms_image": 1000 * by_kind["image"][int(0.99 * (len(by_kind["image"]) - 1))]
+        if by_kind["image"]
+        else None,
+        "requests": len(latencies),
+        "errors": dict(errors),
+        "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
+        "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))] if latencies else None,
+    }
+
+
+def attack(base: str, stall_url: str, kind: str) -> str:
+    url = f"{base}/v1/embeddings"
+    port = int(base.rsplit(":", 1)[1])
+    try:
+        if kind == "long":
+            body = {"input": ["word " * 1700] * 64, "truncate": True}
+            return str(requests.post(url, json=body, timeout=30).status_code)
+        if kind == "stall":
+            body = {"input": [{"url": f"{stall_url}/{i}.jpg"} for i in range(8)]}
+            return str(requests.post(url, json=body, timeout=30).status_code)
+        if kind == "huge":
+            return str(requests.post(url, data=b" " * (65 * 2**20), timeout=30).status_code)
+        if kind == "deep":
+            deep = b'{"input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+            return str(requests.post(url, data=deep, timeout=30).status_code)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:  # slow headers
+            for byte in b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n" + b"X: " + b"a" * 60:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.5)
+        return "slow-headers-finished"
+    except (requests.RequestException, OSError) as exc:
+        return type(exc).__name__
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_hostile(bundle: Path, seconds: float, attackers: int, extra: list[str]) -> dict:
+    stall = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    stall.daemon_threads = True
+    threading.Thread(target=stall.serve_forever, daemon=True).start()
+    stall_url = f"http://127.0.0.1:{stall.server_address[1]}"
+    process, base = start_server(bundle, extra)
+    try:
+        good_load(base, 4, 2)  # warm-up
+        quiet = good_load(base, 32, seconds)
+        rss_quiet = peak_rss_mb(process.pid)
+        outcomes: Counter = Counter()
+        stop = time.monotonic() + seconds
+        kinds = ("long", "stall", "huge", "deep", "slow")
+
+        def attacker(seed: int) -> None:
+            n = 0
+            while time.monotonic() < stop:
+                kind = kinds[(seed + n) % len(kinds)]
+                outcomes[f"{kind}: {attack(base, stall_url, kind)}"] += 1
+                n += 1
+
+        threads = [threading.Thread(target=attacker, args=(i,)) for i in range(attackers)]
+        for thread in threads:
+            thread.start()
+        hostile = good_load(base, 32, seconds)
+        for thread in threads:
+            thread.join()
+        return {
+            "quiet": quiet,
+            "hostile": hostile,
+            "attacks": dict(outcomes),
+            "peak_rss_mb_quiet": rss_quiet,
+            "peak_rss_mb": peak_rss_mb(process.pid),
+        }
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+        stall.shutdown()
+
+
+def print_hostile(results: dict) -> None:
+    for name in ("quiet", "hostile"):
+        r = results[name]
+        print(
+            f"good clients, {name:7s}: {r['requests']} ok, errors {r['errors'] or 'none'}, "
+            f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms (texts {r['p99_ms_text']:.0f}, "
+            f"images {r['p99_ms_image']:.0f})"
+        )
+    print("attacks:", ", ".join(f"{k} x{v}" for k, v in sorted(results["attacks"].items())))
+    print(
+        f"server peak RSS: {results['peak_rss_mb_quiet']:.0f} MB before the attacks, "
+        f"{results['peak_rss_mb']:.0f} MB after"
+    )
