@@ -68,8 +68,8 @@ class ClipEdgeModel:
         self.plan: ExecutionPlan = plan_execution(
             self.manifest, self.bundle_dir, backend, precision, backend_options
         )
-        backend_entry = get_backend(self.plan.backend)
-        self.backend_options = backend_entry.checked_options(backend_options, self.options.threads)
+        backend = get_backend(self.plan.backend)
+        self.backend_options = backend.checked_options(backend_options, self.options.threads)
         graphs = {name: tower.graph for name, tower in self.plan.towers.items()}
         check_bundle(self.bundle_dir, self.manifest, graphs, self.options.verify_checksums)
         self.towers: dict[str, Tower] = open_towers(self.manifest, self.bundle_dir, self.options)
@@ -77,8 +77,7 @@ class ClipEdgeModel:
         self._lock = threading.Lock()
 
     @property
-    def precisions(self) -> dict[str, str]:
-        """The precision each tower runs at."""
+    def precisions(self) -> dict[str, str]:  # the precision each tower runs at
         return self.plan.precisions
 
     def tower(self, name: str) -> Tower:
