@@ -140,41 +140,30 @@ def child(mode: str, args: argparse.Namespace, folder: Path, out: Path, workers:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def print_texts_table(results: dict) -> None:
-    runs = results["runs"]
-    local = runs["clipedge embed (one process)"]["items_per_s"]
-    print(f"{results['count']} texts, batch {results['batch_size']}")
-    rows = [
-        (
-            name,
-            f"{row['seconds']:.2f}",
-            f"{row['items_per_s']:.0f}",
-            f"{row['items_per_s'] / local:.0%}",
-            f"{row['peak_kb'] / 1e6:.2f}",
-        )
-        for name, row in runs.items()
-    ]
-    header = ("run", "s", "texts/s", "vs one process", "peak RSS GB (driver)")
-    print(markdown_table(header, rows, "lrrrr"))
-
-
 def print_table(results: dict) -> None:
-    if results.get("texts"):
-        return print_texts_table(results)
+    """Each run's time, rate, share of the reference run's rate and peak RSS."""
     runs = results["runs"]
-    model_rate = runs["model only"]["images_per_s"]
-    print(f"{results['count']} images 1280x848, batch {results.get('batch_size', 8)}")
+    texts = bool(results.get("texts"))
+    unit, reference = (
+        ("texts", "clipedge embed (one process)") if texts else ("images", "model only")
+    )
+    if texts:
+        print(f"{results['count']} texts, batch {results['batch_size']}")
+    else:
+        print(f"{results['count']} images 1280x848, batch {results.get('batch_size', 8)}")
+    key = "items_per_s" if texts else "images_per_s"
     rows = [
         (
             name,
             f"{row['seconds']:.2f}",
-            f"{row['images_per_s']:.2f}",
-            f"{row['images_per_s'] / model_rate:.0%}",
+            f"{row[key]:.0f}" if texts else f"{row[key]:.2f}",
+            f"{row[key] / runs[reference][key]:.0%}",
             f"{row['peak_kb'] / 1e6:.2f}",
         )
         for name, row in runs.items()
     ]
-    header = ("run", "s", "images/s", "vs model only", "peak RSS GB")
+    versus = "vs one process" if texts else "vs model only"
+    header = ("run", "s", f"{unit}/s", versus, "peak RSS GB" + (" (driver)" if texts else ""))
     print(markdown_table(header, rows, "lrrrr"))
 
 

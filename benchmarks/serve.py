@@ -75,6 +75,11 @@ def start(kind: str, bundle: Path, precision: str) -> tuple[subprocess.Popen, st
             "--max-batch-size",
             batch,
         ] + (["--precision", precision] if precision else [])
+    return launch(command, port, f"{kind} server")
+
+
+def launch(command: list[str], port: int, what: str) -> tuple[subprocess.Popen, str]:
+    """Start a server process on loopback and wait (at most 300 s) until /ready says 200."""
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -84,9 +89,9 @@ def start(kind: str, bundle: Path, precision: str) -> tuple[subprocess.Popen, st
                 return process, base
         except requests.ConnectionError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.3)
     process.kill()
-    raise RuntimeError(f"{kind} server did not become ready")
+    raise RuntimeError(f"{what} did not become ready")
 
 
 def load(base: str, clients: int, seconds: float) -> dict:

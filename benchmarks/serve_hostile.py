@@ -26,7 +26,7 @@ from pathlib import Path
 
 import requests
 
-from .serve import free_port
+from .serve import free_port, launch
 
 TEXT = "a photo of a cat sitting on a red sofa"
 
@@ -58,17 +58,7 @@ def start_server(bundle: Path, extra: list[str]) -> tuple[subprocess.Popen, str]
     port = free_port()
     command = [sys.executable, "-m", "clipedge.cli", "serve", str(bundle), "--port", str(port)]
     command += ["--backend", "cpu", "--allow-urls", "--allow-private-urls", *extra]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{base}/ready", timeout=2).status_code == 200:
-                return process, base
-        except requests.ConnectionError:
-            time.sleep(0.3)
-    process.kill()
-    raise RuntimeError("the server did not become ready")
+    return launch(command, port, "the server")
 
 
 def good_load(base: str, clients: int, seconds: float) -> dict:
