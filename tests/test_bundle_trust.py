@@ -343,6 +343,7 @@ def test_options_of_another_backend_are_an_option_error_and_a_type_error(tiny_bu
     ],
 )
 def test_export_refuses_bad_options_before_reading_the_checkpoint(tmp_path, capsys, extra, message):
+    pytest.importorskip("onnx", reason="clipedge export needs the [export] extra")
     missing_checkpoint = tmp_path / "no-such-checkpoint"  # reading it would fail otherwise
     argv = ["export", str(missing_checkpoint), "-o", str(tmp_path / "out"), *extra]
     assert main(argv) == 2
@@ -352,6 +353,7 @@ def test_export_refuses_bad_options_before_reading_the_checkpoint(tmp_path, caps
 
 
 def test_export_reads_the_calibration_sources_before_the_checkpoint(tmp_path, capsys):
+    pytest.importorskip("onnx", reason="clipedge export needs the [export] extra")
     argv = ["export", str(tmp_path / "no-such-checkpoint"), "-o", str(tmp_path / "out")]
     argv += ["--towers", "text", "--precisions", "fp16"]
     argv += ["--calibration-texts", str(tmp_path / "missing.txt")]
