@@ -7,16 +7,13 @@
 #   OUT=/path bash scripts/device/check.sh              # on the GPU machine
 #   OUT=/path bash scripts/device/check.sh --rehearse   # here: tiny checkpoint, CPU
 #
-# --rehearse changes the checkpoint only (and the benchmark's path while benchmarks/gpu.py is
-# not there yet); the provider is whatever onnxruntime has: CUDA there, the CPU here.
+# --rehearse changes the checkpoint only; the provider is whatever onnxruntime has: CUDA
+# there, the CPU here.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
 size=full
 [ "${1:-}" = --rehearse ] && size=tiny
-if [ -z "${BENCH:-}" ] && [ ! -f benchmarks/gpu.py ] && [ -f benchmarks/bench_gpu.py ]; then
-  export BENCH=benchmarks/bench_gpu.py # before the rename to `python -m benchmarks.gpu`
-fi
 export PYTHON="${PYTHON:-python3}" OUT="${OUT:?set OUT to the results folder}"
 export CHECKPOINT_SIZE="${CHECKPOINT_SIZE:-$size}" BUDGET_S="${BUDGET_S:-470}"
 export WORK="${WORK:-/tmp/clipedge-gpu-check}"
