@@ -2,5 +2,5 @@
 
 Resumable (finished shards are kept, partial ones redone), nothing lost (one row per input,
 `ok` or `error` with the reason), decoding in worker processes overlapped with inference.
-A thin layer over the runtime's stages. Needs the `batch` extra (pyarrow).
+A thin layer over the runtime's towers and pipeline. Needs the `batch` extra (pyarrow).
 """
