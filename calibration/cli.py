@@ -46,6 +46,18 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) -
         "--no-search", action="store_true", help="no per-block mixed-precision fallback"
     )
     group.add_argument("--seed", type=int, default=0, help="sampling seed")
+    group.add_argument(
+        "--towers",
+        default=None,
+        help="comma list of the towers to calibrate, text and/or vision (default: both)",
+    )
+    group.add_argument(
+        "--max-memory",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="plan the run to stay within this peak RSS (GB); refused up front if it cannot",
+    )
 
 
 def calibrate(args: argparse.Namespace, bundle_dir: Path | None = None) -> int:
@@ -57,6 +69,7 @@ def calibrate(args: argparse.Namespace, bundle_dir: Path | None = None) -> int:
 
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip() and p != "fp32"]
     targets = {p: args.target_cosine for p in precisions} if args.target_cosine else None
+    towers = [t.strip() for t in args.towers.split(",") if t.strip()] if args.towers else None
     try:
         check_precisions(precisions)  # a typo costs nothing, not the data loading first
         calibration = CalibrationSet.from_sources(
@@ -73,6 +86,8 @@ def calibrate(args: argparse.Namespace, bundle_dir: Path | None = None) -> int:
             targets=targets,
             search=not args.no_search,
             report=lambda line: print(line, flush=True),
+            towers=towers,
+            max_memory_gb=args.max_memory,
         )
     # ValidationError: onnx refusing a bundle's graph, e.g. a weights file with several hard
     # links (a `cp -al` copy of a bundle: make real copies of its .data files).

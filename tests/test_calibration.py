@@ -232,26 +232,55 @@ def test_precision_with_missing_package_fails_before_any_work(bundle_copy, monke
     assert (bundle_copy / "clipedge.json").read_text() == before
 
 
+def bundle_files(bundle: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()}
+
+
 def test_an_interrupted_calibration_leaves_the_bundle_as_it_was(bundle_copy, monkeypatch):
     """Ctrl-C while a second precision converts: the graph the run had already rewritten
-    (int8, calibrated again on other samples) stays the old one, matching the manifest."""
-    from clipedge.calibration import precisions
+    (int8, calibrated again on other samples) stays the old one, matching the manifest; the
+    finished graph waits in the work folder, and the next run reuses it."""
+    from clipedge.calibration import pipeline, precisions
 
     assert main(calibrate_args(bundle_copy, "--precisions", "int8", "--no-search")) == 0
-    before = {p.name: p.read_bytes() for p in bundle_copy.iterdir()}
+    assert not (bundle_copy / pipeline.WORK_DIR).exists()  # a finished run leaves none
+    before = bundle_files(bundle_copy)
 
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    spec = dataclasses.replace(precisions.PRECISIONS["fp16"], make_converter=interrupted)
+    original = precisions.PRECISIONS["fp16"]
+    spec = dataclasses.replace(original, make_converter=interrupted)
     monkeypatch.setitem(precisions.PRECISIONS, "fp16", spec)
     args = calibrate_args(bundle_copy, "--precisions", "int8,fp16", "--no-search", "--seed", "1")
-    with pytest.raises(KeyboardInterrupt):
-        main(args)
-    assert {p.name: p.read_bytes() for p in bundle_copy.iterdir()} == before
+    assert main(args) == 130  # "clipedge calibrate: interrupted"
+    assert bundle_files(bundle_copy) == before
     with pytest.warns(RuntimeWarning, match="meant for gpu"):  # Q/DQ int8 is the GPU's
         model = clipedge.load(bundle_copy, backend="cpu", precision="int8", verify_checksums=True)
     assert model.encode_text("a caption").shape == (model.manifest.embed_dim,)
+    work = bundle_copy / pipeline.WORK_DIR
+    finished = sorted(p.parent.name.rsplit("-", 1)[0] for p in work.glob("*/result.json"))
+    assert finished == ["text.fp32", "text.int8"]
+
+    # The second run reuses the finished text int8 graph and converts only what is left.
+    converted = []
+
+    def counting(src, feeds, method, make=precisions.PRECISIONS["int8"].make_converter):
+        converted.append(Path(src).name)
+        return make(src, feeds, method)
+
+    monkeypatch.setitem(precisions.PRECISIONS, "fp16", original)
+    monkeypatch.setitem(
+        precisions.PRECISIONS,
+        "int8",
+        dataclasses.replace(precisions.PRECISIONS["int8"], make_converter=counting),
+    )
+    assert main(args) == 0
+    assert converted == ["vision.onnx"]
+    manifest = json.loads((bundle_copy / "clipedge.json").read_text())
+    assert {"fp16", "int8"} <= set(manifest["towers"]["text"]["graphs"])
+    assert not (bundle_copy / pipeline.WORK_DIR).exists()
+    clipedge.load(bundle_copy, backend="cpu", precision="fp16", verify_checksums=True)
 
 
 def test_an_unknown_precision_is_refused_before_the_data_is_read(tmp_path, capsys):
