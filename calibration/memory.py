@@ -11,6 +11,7 @@ OpenVINO and NNCF all run in-process), so the process is the whole tree.
 from __future__ import annotations
 
 import contextlib
+import math
 import resource
 import sys
 import time
@@ -134,44 +135,78 @@ def stage(name: str) -> Iterator[None]:
 
 # ------------------------------------------------------------------------------- the plan
 
-# Peak RSS of one tower at one precision, as a multiple of its fp32 graph's bytes (weights
-# file included), plus what the process holds before any graph is read (Python, onnxruntime,
-# OpenVINO, the feeds). Measured on the full-size bundle (docs/benchmarks.md, "Calibration
-# memory"); the towers run one at a time, so the run's peak is the largest of these.
-BASE_BYTES = 1.0e9
-PEAK_PER_FP32_BYTE = {"fp16": 2.5, "int8": 2.5, "int8-cpu": 2.5, "int8-ov": 2.5}
+# What the planner knows, measured on the full-size bundle (docs/benchmarks.md, "Calibration
+# memory"; AVX2 EPYC, OpenVINO 2026.4, NNCF 3.4). The towers run one at a time, so the run's
+# peak is the largest of its stages.
+#
+# NNCF's statistics run the fp32 graph in OpenVINO with a reducer on every tensor it will
+# quantise, and OpenVINO holds most intermediate tensors of that graph until the inference
+# ends: the statistics of one feed cost ~3.2 MB per token in it (one 512 px image = 1297
+# tokens: 4.1 GB; one 8 x 512-token text batch: 9.7 GB), on top of the compiled fp32 graph.
+# So the statistics feeds are cut into row groups of at most `statistics_tokens` tokens.
+BASE_BYTES = 0.6e9  # Python, onnxruntime, OpenVINO, NNCF, the feeds
+STATISTICS_BYTES_PER_TOKEN = 3.2e6
+COMPILED_PER_FP32_BYTE = 1.4  # the fp32 graph compiled for the statistics (and what is read)
+DEFAULT_BUDGET_GB = 10.0
+MARGIN_BYTES = 1.0e9
 
 
-def estimated_peak(fp32_bytes: int, precision: str) -> float:
-    """Planned peak RSS in bytes of one tower at one precision."""
-    return BASE_BYTES + PEAK_PER_FP32_BYTE[precision] * fp32_bytes
+def statistics_tokens(fp32_bytes: int, budget_gb: float | None) -> int:
+    """Tokens per statistics feed that keep NNCF's statistics within the budget (0: none)."""
+    budget = (budget_gb or DEFAULT_BUDGET_GB) * GB - MARGIN_BYTES
+    room = budget - BASE_BYTES - COMPILED_PER_FP32_BYTE * fp32_bytes
+    return max(0, int(room // STATISTICS_BYTES_PER_TOKEN))
 
 
-def check_budget(
-    fp32_bytes: dict[str, int], precisions: list[str] | tuple[str, ...], max_memory_gb: float | None
-) -> list[str]:
-    """The plan's lines for the log; raises OptionError when a tower and precision cannot
-    stay within `max_memory_gb`."""
+def statistics_peak(fp32_bytes: int, tokens: int) -> float:
+    """Planned peak RSS in bytes of NNCF's statistics with feeds of `tokens` tokens."""
+    return BASE_BYTES + COMPILED_PER_FP32_BYTE * fp32_bytes + STATISTICS_BYTES_PER_TOKEN * tokens
+
+
+_budget: list[float | None] = [None]
+
+
+def budget_gb() -> float | None:
+    """The --max-memory of the calibration running now (None: the default plan)."""
+    return _budget[0]
+
+
+@contextlib.contextmanager
+def budget(gb: float | None) -> Iterator[None]:
+    _budget.append(gb)
+    try:
+        yield
+    finally:
+        _budget.pop()
+
+
+def check_budget(row_tokens: dict[str, tuple[int, int]], precisions, max_memory_gb) -> list[str]:
+    """The plan's lines for the log; raises OptionError up front when one row of a tower's
+    longest input cannot get through NNCF's statistics within `max_memory_gb` (the other
+    stages need less: docs/benchmarks.md). `row_tokens`: tower -> (fp32 graph bytes, tokens of
+    its longest calibration row)."""
     from clipedge.errors import OptionError
 
-    plans = {
-        (tower, precision): estimated_peak(size, precision)
-        for tower, size in fp32_bytes.items()
-        for precision in precisions
-    }
-    if not plans:
-        return []
-    (tower, precision), peak = max(plans.items(), key=lambda item: item[1])
-    line = f"memory plan: one tower at a time, largest {tower} {precision} ~{peak / GB:.1f} GB"
-    if max_memory_gb is None:
-        return [line]
-    if max_memory_gb <= 0:
-        raise OptionError(f"--max-memory must be positive, not {max_memory_gb:g}")
-    over = {k: v for k, v in plans.items() if v > max_memory_gb * GB}
-    if over:
-        names = ", ".join(f"{t} {p} (~{v / GB:.1f} GB)" for (t, p), v in over.items())
-        raise OptionError(
-            f"--max-memory {max_memory_gb:g} GB cannot be met: {names} need more; "
-            "give more memory, or calibrate those towers/precisions elsewhere"
+    if max_memory_gb is not None and max_memory_gb <= 0:
+        raise OptionError(f"--max-memory must be a positive number of GB, not {max_memory_gb:g}")
+    lines = []
+    for tower, (fp32_bytes, tokens) in row_tokens.items():
+        if "int8-ov" not in precisions:
+            continue
+        allowed = statistics_tokens(fp32_bytes, max_memory_gb)
+        if allowed < tokens:
+            need = (statistics_peak(fp32_bytes, tokens) + MARGIN_BYTES) / GB
+            raise OptionError(
+                f"--max-memory {max_memory_gb:g} GB cannot be met: NNCF's statistics for "
+                f"int8-ov need ~{need:.1f} GB for one {tower} input of {tokens} tokens "
+                f"(the {tower} graph is {fp32_bytes / GB:.1f} GB); give at least "
+                f"{math.ceil(need)} GB or leave int8-ov out"
+            )
+        rows = max(1, allowed // tokens)
+        peak = statistics_peak(fp32_bytes, rows * tokens) / GB
+        lines.append(
+            f"memory plan: {tower} int8-ov statistics in feeds of <= {allowed} tokens "
+            f"({rows} row(s) of {tokens}), ~{peak:.1f} GB"
         )
-    return [f"{line}, within --max-memory {max_memory_gb:g} GB"]
+    within = f" within --max-memory {max_memory_gb:g} GB" if max_memory_gb is not None else ""
+    return [*lines, f"memory plan: one tower at a time{within}"]

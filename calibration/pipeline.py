@@ -286,6 +286,7 @@ def _calibrate_towers(
                     "method": spec.method(method),
                     "target": target,
                     "search": search,
+                    "max_memory_gb": memory.budget_gb() if precision == "int8-ov" else None,
                 },
             )
             if entry.done:
@@ -347,6 +348,17 @@ def _calibrate_towers(
     return results, _retrieval_agreement(held_embeddings, precisions), towers, graph_files
 
 
+def _longest_row_tokens(manifest: Manifest, tower: str) -> int:
+    """Tokens of the longest calibration row: the passages' default text length, or a
+    whole image's patches and CLS."""
+    from .openvino_int8 import VISION_PATCH
+
+    settings = manifest.towers[tower].settings
+    if hasattr(settings, "image_size"):
+        return (int(settings.image_size) // VISION_PATCH) ** 2 + 1
+    return int(getattr(settings, "default_max_length", 512))
+
+
 def _merged_report(
     bundle_dir: Path, results: Sequence[TowerAccuracy], retrieval: dict
 ) -> tuple[list[dict], dict]:
@@ -388,10 +400,14 @@ def calibrate_bundle(
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     towers_wanted = check_towers(towers, list(manifest.towers))
-    fp32_bytes = {
-        t: graph_bytes(bundle_dir / manifest.towers[t].graphs["fp32"].file) for t in towers_wanted
+    row_tokens = {
+        t: (
+            graph_bytes(bundle_dir / manifest.towers[t].graphs["fp32"].file),
+            _longest_row_tokens(manifest, t),
+        )
+        for t in towers_wanted
     }
-    for line in memory.check_budget(fp32_bytes, precisions, max_memory_gb):
+    for line in memory.check_budget(row_tokens, precisions, max_memory_gb):
         report(f"[calibrate] {line}")
     stages = Stages(report=report)
     model = clipedge.load(bundle_dir, backend="cpu", precision="fp32")
@@ -401,20 +417,21 @@ def calibrate_bundle(
     # the bundle would not load), and the next run reuses every finished entry.
     work = bundle_dir / WORK_DIR
     work.mkdir(exist_ok=True)
-    results, retrieval, new_towers, graph_files = _calibrate_towers(
-        bundle_dir,
-        work,
-        manifest,
-        model,
-        towers_wanted,
-        precisions,
-        calibration,
-        method,
-        targets,
-        search,
-        report,
-        stages,
-    )
+    with memory.budget(max_memory_gb):
+        results, retrieval, new_towers, graph_files = _calibrate_towers(
+            bundle_dir,
+            work,
+            manifest,
+            model,
+            towers_wanted,
+            precisions,
+            calibration,
+            method,
+            targets,
+            search,
+            report,
+            stages,
+        )
     model.close()
     for staged in graph_files:
         if staged.is_file():

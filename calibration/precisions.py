@@ -105,18 +105,23 @@ def _int8_cpu(src: Path, feeds: Sequence[Feed], method: str) -> Converter:
 def _int8_openvino(src: Path, feeds: Sequence[Feed], method: str) -> Converter:
     import functools
 
-    from .memory import stage
+    from .memory import budget_gb, stage, statistics_tokens
     from .openvino_int8 import attention_matmuls, quantize_all, save_ir, with_float_inputs
+    from .report import graph_bytes
+
+    # Attention stays bf16: int8 attention was no faster on the full-size image and less
+    # accurate (docs/benchmarks.md, "The image tower at int8"). NNCF leaves it alone too:
+    # its statistics on the attention maps were most of the calibration's memory.
+    attention = attention_matmuls(src)
+
+    max_tokens = statistics_tokens(graph_bytes(src), budget_gb())
 
     def quantize() -> Any:
         with stage("NNCF statistics and quantisation"):
-            return quantize_all(src, feeds)
+            return quantize_all(src, feeds, float_layers=attention, max_tokens=max_tokens)
 
     # NNCF runs once, on the first call; every variant the search asks for is derived from it.
     quantized = functools.cache(quantize)
-    # Attention stays bf16: int8 attention was no faster on the full-size image and less
-    # accurate (docs/benchmarks.md, "The image tower at int8").
-    attention = attention_matmuls(src)
 
     def convert(keep_float: Sequence[str], dst: Path) -> Path:
         # OpenVINO keeps ONNX node names as friendly names, so ONNX node lists apply as is.

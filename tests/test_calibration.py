@@ -322,3 +322,34 @@ def test_undecodable_images_are_named_and_skipped(tmp_path, caplog):
     broken_only.write_text(f"{broken}\n")
     with pytest.raises(CalibrationDataError, match="none of the calibration images"):
         CalibrationSet.from_sources(broken_only, None)
+
+
+def test_towers_calibrates_one_tower_and_keeps_the_others_report_rows(bundle_copy, capsys):
+    assert main(calibrate_args(bundle_copy, "--precisions", "int8-cpu", "--no-search")) == 0
+    text_before = json.loads((bundle_copy / "clipedge.json").read_text())["towers"]["text"]
+    text_graph = (bundle_copy / "text.int8-cpu.onnx").read_bytes()
+    capsys.readouterr()
+    args = calibrate_args(bundle_copy, "--precisions", "int8-cpu", "--towers", "vision")
+    assert main([*args, "--no-search"]) == 0
+    out = capsys.readouterr().out
+    assert "[calibrate] vision int8-cpu: total" in out and "peak RSS" in out
+    assert "[calibrate] text" not in out
+    manifest = json.loads((bundle_copy / "clipedge.json").read_text())
+    assert manifest["towers"]["text"] == text_before
+    assert (bundle_copy / "text.int8-cpu.onnx").read_bytes() == text_graph
+    report = json.loads((bundle_copy / "accuracy_report.json").read_text())
+    assert sorted(r["tower"] for r in report["towers"]) == ["text", "vision"]
+    clipedge.load(bundle_copy, backend="cpu", verify_checksums=True)
+
+
+def test_bad_towers_and_an_unmeetable_memory_budget_are_refused_up_front(bundle_copy, capsys):
+    before = bundle_files(bundle_copy)
+    args = calibrate_args(bundle_copy, "--precisions", "int8-cpu")
+    assert main([*args, "--towers", "audio"]) == 2
+    assert "unknown tower(s) ['audio']" in capsys.readouterr().err
+    assert main([*args, "--max-memory", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "clipedge calibrate: error: --max-memory 0.01 GB cannot be met" in err
+    assert bundle_files(bundle_copy) == before
+    assert main([*args, "--max-memory", "64", "--no-search"]) == 0
+    assert "within --max-memory 64 GB" in capsys.readouterr().out
