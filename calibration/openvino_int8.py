@@ -17,6 +17,7 @@ read bf16.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -111,11 +112,22 @@ def quantize_all(
     NNCF's default (mean of the per-sample min/max); global MINMAX helped odd pictures and
     cost ordinary photos more (docs/benchmarks.md).
     """
+
+    # NNCF logs one INFO line per ignored layer (50 per tower): not news to the user.
+    nncf_log = logging.getLogger("nncf")
+    level = nncf_log.level
+    nncf_log.setLevel(max(level, logging.WARNING))
+    try:
+        return _quantize(src, statistics_feeds(feeds, max_tokens), float_layers)
+    finally:
+        nncf_log.setLevel(level)
+
+
+def _quantize(src: Path, feeds: list[dict[str, np.ndarray]], float_layers: Sequence[str]) -> Any:
     import nncf
     import openvino as ov
 
     model = ov.Core().read_model(str(src))
-    feeds = statistics_feeds(feeds, max_tokens)
     ignored = nncf.IgnoredScope(names=list(float_layers), validate=False) if float_layers else None
     return nncf.quantize(
         model,

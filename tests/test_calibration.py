@@ -353,3 +353,31 @@ def test_bad_towers_and_an_unmeetable_memory_budget_are_refused_up_front(bundle_
     assert bundle_files(bundle_copy) == before
     assert main([*args, "--max-memory", "64", "--no-search"]) == 0
     assert "within --max-memory 64 GB" in capsys.readouterr().out
+
+
+@needs_nncf
+def test_leaving_attention_out_of_nncf_gives_the_same_graph(tiny_bundle, tmp_path):
+    """NNCF's statistics on the attention maps cost memory and bought nothing: every variant
+    bypasses attention's quantisers anyway. Without them NNCF makes the same graph."""
+    from clipedge.calibration.data import tower_feeds
+    from clipedge.calibration.openvino_int8 import (
+        attention_matmuls,
+        quantize_all,
+        save_ir,
+        with_float_inputs,
+    )
+    from clipedge.calibration.report import cpu_session, pooled_embeddings
+
+    calibration = CalibrationSet.from_sources(PHOTO_GLOB, None, limit=12)
+    model = clipedge.load(tiny_bundle, backend="cpu")
+    feeds = tower_feeds(model, "vision", calibration, held_out=False)
+    held = tower_feeds(model, "vision", calibration, held_out=True)
+    graph = tiny_bundle / "vision.onnx"
+    attention = attention_matmuls(graph)
+    before = with_float_inputs(quantize_all(graph, feeds), attention)
+    after = with_float_inputs(quantize_all(graph, feeds, float_layers=attention), attention)
+    outputs = [
+        pooled_embeddings(cpu_session(save_ir(m, tmp_path / f"{name}.xml")), "vision", held)
+        for name, m in (("before", before), ("after", after))
+    ]
+    np.testing.assert_array_equal(outputs[0], outputs[1])
