@@ -537,3 +537,26 @@ def test_the_memory_plan_refuses_a_budget_no_row_fits_and_plans_the_rest():
     assert memory.check_budget(towers, ["fp16"], 4) == [
         "memory plan: one tower at a time within --max-memory 4 GB"
     ]
+
+
+def test_the_report_reuses_a_held_out_run_only_on_the_graph_it_ran(tmp_path, monkeypatch):
+    reference = np.eye(3, dtype=np.float32)
+    held_out = search.HeldOut("vision", [{"x": reference}], reference)
+
+    class Session:
+        def run(self, feed):
+            return feed["x"]
+
+    monkeypatch.setattr(search, "cpu_session", lambda graph: Session())
+    monkeypatch.setattr(
+        search, "pooled_embeddings", lambda s, tower, fs: np.concatenate([s.run(f) for f in fs])
+    )
+    graph = tmp_path / "g.onnx"
+    graph.write_bytes(b"one")
+    assert held_out.measured(graph) is None
+    held_out.cosines(graph)
+    embeddings, ms = held_out.measured(graph)
+    assert np.array_equal(embeddings, reference) and ms >= 0
+    graph.unlink()
+    graph.write_bytes(b"other graph")  # the search rewrote the destination afterwards
+    assert held_out.measured(graph) is None
