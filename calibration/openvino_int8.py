@@ -113,6 +113,8 @@ def quantize_all(
     cost ordinary photos more (docs/benchmarks.md).
     """
 
+    import nncf  # noqa: F401  (importing it sets its logger's level: before ours)
+
     # NNCF logs one INFO line per ignored layer (50 per tower): not news to the user.
     nncf_log = logging.getLogger("nncf")
     level = nncf_log.level
