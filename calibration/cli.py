@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from clipedge.errors import ClipEdgeError, OptionError
-from clipedge.towers import TEXT, VISION, tower_spec
+from clipedge.towers import TEXT, TOWERS, VISION, tower_spec
 
 
 def add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -50,6 +50,13 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) -
         "--no-search", action="store_true", help="no per-block mixed-precision fallback"
     )
     group.add_argument("--seed", type=int, default=0, help="sampling seed")
+    group.add_argument(
+        "--max-memory",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="plan the run to stay within this peak RSS (GB); refused up front if it cannot",
+    )
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,9 @@ def prepare_calibration(
         from clipedge.bundle.manifest import read_manifest
 
         towers = list(read_manifest(args.bundle).towers)
+    unknown = [t for t in towers if t not in TOWERS]
+    if unknown or not towers:
+        raise OptionError(f"unknown tower(s) {unknown or towers!r}; towers are {', '.join(TOWERS)}")
     sources = {TEXT.name: args.calibration_texts, VISION.name: args.calibration_images}
     missing = [tower_spec(t).calibration_option for t in towers if not sources.get(t)]
     if precisions and missing:
@@ -109,8 +119,9 @@ def calibrate(
 
     from .pipeline import BelowTargetError, CalibrationError, calibrate_bundle
 
+    towers = [t.strip() for t in args.towers.split(",") if t.strip()] if args.towers else None
     try:
-        request = request or prepare_calibration(args)
+        request = request or prepare_calibration(args, towers)
         results = calibrate_bundle(
             bundle_dir or args.bundle,
             request.precisions,
@@ -119,6 +130,8 @@ def calibrate(
             targets=request.targets,
             search=not args.no_search,
             report=lambda line: print(line, flush=True),
+            towers=towers,
+            max_memory_gb=args.max_memory,
         )
     # ValidationError: onnx refusing a bundle's graph, e.g. a weights file with several hard
     # links (a `cp -al` copy of a bundle: make real copies of its .data files).
@@ -140,5 +153,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "calibrate", help="add calibrated fp16/int8 graphs and an accuracy report to a bundle"
     )
     parser.add_argument("bundle", help="bundle directory written by clipedge export")
+    parser.add_argument(
+        "--towers",
+        default=None,
+        help="comma list of the towers to calibrate, text and/or vision (default: both)",
+    )
     add_calibration_arguments(parser, required=True)
     parser.set_defaults(handler=calibrate)

@@ -17,6 +17,7 @@ read bf16.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,33 @@ LAYOUT_OPS = frozenset(
 )
 
 
+# The vision tower's patch size (jina-clip-v2's EVA02: 14 px): a 512 px image is 1297 tokens.
+VISION_PATCH = 14
+
+
+def tokens_per_row(feed: dict[str, np.ndarray]) -> int:
+    """Sequence length of one row of a feed: text tokens, or image patches + CLS."""
+    if "input_ids" in feed:
+        return int(feed["input_ids"].shape[1])
+    height, width = feed["pixel_values"].shape[-2:]
+    return (height // VISION_PATCH) * (width // VISION_PATCH) + 1
+
+
+def statistics_feeds(
+    feeds: Sequence[dict[str, np.ndarray]], max_tokens: int | None
+) -> list[dict[str, np.ndarray]]:
+    """`feeds` cut into row groups of at most `max_tokens` tokens (one row at least; None:
+    as they are). OpenVINO holds most of the statistics graph's tensors until an inference
+    ends, so NNCF's memory follows the tokens of one feed (`memory.statistics_tokens`).
+    Slices are views: no copy of the data."""
+    out = []
+    for feed in feeds:
+        rows = len(next(iter(feed.values())))
+        step = rows if not max_tokens else max(1, max_tokens // tokens_per_row(feed))
+        out += [{k: v[i : i + step] for k, v in feed.items()} for i in range(0, rows, step)]
+    return out
+
+
 def attention_matmuls(graph: Path) -> list[str]:
     """Names of the MatMuls of a float graph that multiply two activations (attention's
     scores and context, the text pooling product); read before quantisation, when every
@@ -60,8 +88,23 @@ def attention_matmuls(graph: Path) -> list[str]:
     ]
 
 
-def quantize_all(src: Path, feeds: Sequence[dict[str, np.ndarray]]) -> Any:
-    """The fp32 graph `src` with every MatMul int8 (NNCF, TRANSFORMER preset), in memory.
+def quantize_all(
+    src: Path,
+    feeds: Sequence[dict[str, np.ndarray]],
+    float_layers: Sequence[str] = (),
+    max_tokens: int | None = None,
+) -> Any:
+    """The fp32 graph `src` with every MatMul int8 (NNCF, TRANSFORMER preset), in memory;
+    `float_layers` (friendly names) get no quantisers at all.
+
+    Pass the attention products (`attention_matmuls`) there: every variant reads them in
+    float anyway (leaving them out gives the same graph, tested, and saves NNCF the
+    statistics of every attention map). `max_tokens` cuts the feeds for the statistics
+    (`statistics_feeds`): NNCF runs the fp32 graph with a reducer on every tensor it
+    quantises and OpenVINO holds most of them until the inference ends, so one 8 x 512-token
+    text batch took the statistics to 12.7 GB and four 512 px images to 18.6 GB
+    (docs/benchmarks.md, "Calibration memory"). NNCF's ranges are the mean over feeds of
+    each feed's min/max, so smaller feeds change them a little.
 
     Asymmetric activations, per-channel symmetric weights in half the int8 range (NNCF's
     overflow fix on every layer, not only the first: see below), fast bias
@@ -69,15 +112,31 @@ def quantize_all(src: Path, feeds: Sequence[dict[str, np.ndarray]]) -> Any:
     NNCF's default (mean of the per-sample min/max); global MINMAX helped odd pictures and
     cost ordinary photos more (docs/benchmarks.md).
     """
+
+    import nncf  # noqa: F401  (importing it sets its logger's level: before ours)
+
+    # NNCF logs one INFO line per ignored layer (50 per tower): not news to the user.
+    nncf_log = logging.getLogger("nncf")
+    level = nncf_log.level
+    nncf_log.setLevel(max(level, logging.WARNING))
+    try:
+        return _quantize(src, statistics_feeds(feeds, max_tokens), float_layers)
+    finally:
+        nncf_log.setLevel(level)
+
+
+def _quantize(src: Path, feeds: list[dict[str, np.ndarray]], float_layers: Sequence[str]) -> Any:
     import nncf
     import openvino as ov
 
     model = ov.Core().read_model(str(src))
+    ignored = nncf.IgnoredScope(names=list(float_layers), validate=False) if float_layers else None
     return nncf.quantize(
         model,
         nncf.Dataset(list(feeds)),
         model_type=nncf.ModelType.TRANSFORMER,
         subset_size=len(feeds),
+        ignored_scope=ignored,
         fast_bias_correction=True,
         advanced_parameters=nncf.AdvancedQuantizationParameters(
             smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1.0),

@@ -3,16 +3,24 @@
 For each tower and precision: convert the fp32 graph (with the mixed-precision search when
 the whole-tower conversion misses its target), measure it against fp32 on held-out data,
 add it to the manifest with its device and accuracy, and write `accuracy_report.json`.
+
+One tower at a time, its feeds and sessions freed before the next; each stage logs its time
+and peak RSS (`memory.Stages`). Finished graphs are kept in a work folder inside the bundle
+(`.clipedge-calibrate-work/`), one entry per tower and precision keyed by the fp32 graph's
+sha256, the calibration data and the settings: an interrupted run leaves the bundle's files
+and manifest as they were, and the next run with the same key reuses what the first finished.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import logging
 import os
-import tempfile
+import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +28,18 @@ import onnx
 
 import clipedge
 from clipedge.bundle.manifest import Accuracy, GraphEntry, Manifest, describe_files, read_manifest
-from clipedge.errors import ClipEdgeError
+from clipedge.errors import ClipEdgeError, OptionError
 from clipedge.model import ClipEdgeModel
+from clipedge.towers import TEXT
 
+from . import memory
 from .blocks import nodes_by_block
 from .data import CalibrationSet, tower_feeds
 from .feeds import Feed
+from .memory import Stages
 from .precisions import PRECISIONS, check_precisions
 from .report import (
+    REPORT_NAME,
     TowerAccuracy,
     cosine_stats,
     cpu_session,
@@ -35,6 +47,7 @@ from .report import (
     graph_bytes,
     recall_at_k,
     timed_embeddings,
+    weights_file,
     write_report,
 )
 from .search import HeldOut, search_fallback
@@ -72,28 +85,39 @@ def _tower_precision(
     spec = PRECISIONS[precision]
     convert = spec.make_converter(fp32_graph, calib_feeds, method)
     fp32_blocks: list[str] = []
+    held_out = HeldOut(tower, held_feeds, reference_held)
     if search:
         graph_model = onnx.load(str(fp32_graph), load_external_data=False)
         blocks = nodes_by_block(graph_model)
+        others = _other_nodes(graph_model, blocks)
+        del graph_model
         result = search_fallback(
             convert,
             blocks,
-            _other_nodes(graph_model, blocks),
-            HeldOut(tower, held_feeds, reference_held),
+            others,
+            held_out,
             target,
             destination,
             report=lambda line: report(f"[calibrate] {tower} {precision}: {line}"),
         )
         fp32_blocks = result.fp32_blocks
     else:
-        convert([], destination)
+        with memory.stage("conversion"):
+            convert([], destination)
     del convert  # converters that derive variants hold both graphs in memory
+    gc.collect()
     overflow: list[str] = []
     if precision == "fp16":
         from .fp16 import find_overflow
 
-        overflow = find_overflow(destination, calib_feeds)
-    embeddings, ms = timed_embeddings(cpu_session(destination), tower, held_feeds)
+        with memory.stage("inf/NaN check"):
+            overflow = find_overflow(destination, calib_feeds)
+    # The search ran the held-out set on the graph it left (unless its last step rewrote it).
+    measured = held_out.measured(destination)
+    if measured is None:
+        with memory.stage("accuracy report"):
+            measured = timed_embeddings(cpu_session(destination), tower, held_feeds)
+    embeddings, ms = measured
     stats = cosine_stats(reference_held, embeddings)
     accuracy = TowerAccuracy(
         tower=tower,
@@ -111,57 +135,190 @@ def _tower_precision(
     return accuracy, embeddings
 
 
+def check_towers(towers: Sequence[str] | None, available: Sequence[str]) -> list[str]:
+    """The towers to calibrate, in the bundle's order (all of them when None)."""
+    if towers is None:
+        return list(available)
+    unknown = [t for t in towers if t not in available]
+    if unknown or not towers:
+        raise OptionError(
+            f"unknown tower(s) {unknown or towers!r}; this bundle has {', '.join(available)}"
+        )
+    return [t for t in available if t in towers]
+
+
+# ----------------------------------------------------------------------- resumable work folder
+
+WORK_DIR = ".clipedge-calibrate-work"
+RESULT_NAME = "result.json"
+HELD_OUT_NAME = "held_out.npy"
+# Bump when a converter changes what it writes for the same inputs and settings.
+WORK_FORMAT = 1
+
+
+def _digest(payload: object) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _data_key(calibration: CalibrationSet, tower: str) -> str:
+    """The calibration and held-out inputs of one tower: texts as they are, images by path,
+    size and modification time (hashing every picture would cost more than it saves)."""
+
+    def describe(items: Sequence) -> list:
+        if tower == TEXT.name:
+            return list(items)
+        return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in map(Path, items)]
+
+    return _digest(
+        [describe(calibration.items(tower, False)), describe(calibration.items(tower, True))]
+    )
+
+
+def _fp32_sha256(manifest: Manifest, bundle_dir: Path, graph: Path) -> list[str | None]:
+    """The fp32 graph's sha256 (and its weights file's) as the manifest records them (the
+    bundle's own check of its files at load time covers them)."""
+    names = [graph.name, weights_file(graph).name]
+    return [manifest.files.get(name, {}).get("sha256") for name in names]
+
+
+@dataclass(frozen=True)
+class WorkEntry:
+    """One tower at one precision (or the fp32 reference) in the work folder."""
+
+    folder: Path
+
+    @property
+    def done(self) -> bool:
+        return (self.folder / RESULT_NAME).is_file()
+
+    def start(self) -> Path:
+        """An empty folder for this entry (whatever an interrupted attempt left is removed)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+        return self.folder
+
+    def finish(self, result: dict, held_out: np.ndarray) -> None:
+        np.save(self.folder / HELD_OUT_NAME, held_out)
+        partial = self.folder / (RESULT_NAME + ".partial")
+        partial.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(partial, self.folder / RESULT_NAME)  # written last: marks the entry done
+
+    def load(self) -> tuple[dict, np.ndarray]:
+        result = json.loads((self.folder / RESULT_NAME).read_text())
+        return result, np.load(self.folder / HELD_OUT_NAME)
+
+
+def _work_entry(work: Path, name: str, key: dict) -> WorkEntry:
+    return WorkEntry(work / f"{name}-{_digest({**key, 'format': WORK_FORMAT})}")
+
+
+# ----------------------------------------------------------------------------- the towers
+
+
 def _calibrate_towers(
     bundle_dir: Path,
-    staging: Path,
+    work: Path,
     manifest: Manifest,
     model: ClipEdgeModel,
+    towers_wanted: Sequence[str],
     precisions: Sequence[str],
     calibration: CalibrationSet,
     method: str,
     targets: dict[str, float] | None,
     search: bool,
     report: Callable[[str], None],
-) -> tuple[list[TowerAccuracy], dict, dict]:
-    """Every precision of every tower, written into `staging`: the accuracies, the retrieval
-    agreement and the towers' manifest entries with the new graphs."""
+    stages: Stages,
+) -> tuple[list[TowerAccuracy], dict, dict, list[Path]]:
+    """Every precision of every wanted tower, finished in the work folder: the accuracies,
+    the retrieval agreement, the towers' manifest entries with the new graphs and the
+    finished graph files (to move into the bundle)."""
     results: list[TowerAccuracy] = []
     held_embeddings: dict[tuple[str, str], np.ndarray] = {}
+    graph_files: list[Path] = []
     towers = dict(manifest.towers)
-    for tower, tower_manifest in manifest.towers.items():
+    for tower in towers_wanted:
+        tower_manifest = manifest.towers[tower]
         fp32_graph = bundle_dir / tower_manifest.graphs["fp32"].file
-        calib_feeds = tower_feeds(model, tower, calibration, held_out=False)
-        held_feeds = tower_feeds(model, tower, calibration, held_out=True)
-        fp32 = cpu_session(fp32_graph)
-        reference_held, fp32_ms = timed_embeddings(fp32, tower, held_feeds)
-        del fp32
+        base_key = {
+            "fp32": _fp32_sha256(manifest, bundle_dir, fp32_graph),
+            "data": _data_key(calibration, tower),
+            "clipedge": clipedge.__version__,
+        }
+        feeds: dict[bool, list[Feed]] = {}
+
+        def tower_feeds_once(held_out: bool, tower: str = tower, feeds: dict = feeds) -> list[Feed]:
+            if held_out not in feeds:
+                feeds[held_out] = tower_feeds(model, tower, calibration, held_out=held_out)
+            return feeds[held_out]
+
+        reference_entry = _work_entry(work, f"{tower}.fp32", base_key)
+        if not reference_entry.done:
+            with stages(f"{tower} fp32", "feeds and reference embeddings"):
+                folder = reference_entry.start()
+                fp32 = cpu_session(fp32_graph)
+                reference, fp32_ms = timed_embeddings(fp32, tower, tower_feeds_once(True))
+                del fp32
+                reference_entry.finish({"ms_per_batch": fp32_ms}, reference)
+            del folder
+        reference_result, reference_held = reference_entry.load()
+        fp32_ms = reference_result["ms_per_batch"]
         held_embeddings[(tower, "fp32")] = reference_held
         graphs = dict(tower_manifest.graphs)
         for precision in precisions:
             spec = PRECISIONS[precision]
             graph_file = spec.graph_file(tower)
             target = (targets or {}).get(precision, spec.default_target)
-            report(f"[calibrate] {tower} {precision}: converting (target cosine {target})")
-            accuracy, embeddings = _tower_precision(
-                tower,
-                precision,
-                fp32_graph,
-                staging / graph_file,
-                calib_feeds,
-                held_feeds,
-                reference_held,
-                fp32_ms,
-                method,
-                target,
-                search,
-                report,
+            scope = f"{tower} {precision}"
+            entry = _work_entry(
+                work,
+                f"{tower}.{precision}",
+                {
+                    **base_key,
+                    "precision": precision,
+                    "method": spec.method(method),
+                    "target": target,
+                    "search": search,
+                    "max_memory_gb": memory.budget_gb() if precision == "int8-ov" else None,
+                },
             )
+            if entry.done:
+                row, embeddings = entry.load()
+                row.pop("passed", None)
+                accuracy = TowerAccuracy(**row)
+                report(
+                    f"[calibrate] {scope}: reusing the graph a previous run finished "
+                    f"({entry.folder.name})"
+                )
+            else:
+                report(f"[calibrate] {scope}: converting (target cosine {target})")
+                folder = entry.start()
+                with memory.scope(stages, scope), stages(scope, "total"):
+                    calib_feeds = tower_feeds_once(False) if spec.uses_feeds else []
+                    accuracy, embeddings = _tower_precision(
+                        tower,
+                        precision,
+                        fp32_graph,
+                        folder / graph_file,
+                        calib_feeds,
+                        tower_feeds_once(True),
+                        reference_held,
+                        fp32_ms,
+                        method,
+                        target,
+                        search,
+                        report,
+                    )
+                    del calib_feeds
+                    gc.collect()
+                entry.finish(accuracy.to_dict(), embeddings)
             report(
-                f"[calibrate] {tower} {precision}: min cosine {accuracy.cosine_min:.5f} "
+                f"[calibrate] {scope}: min cosine {accuracy.cosine_min:.5f} "
                 f"{'pass' if accuracy.passed else 'BELOW TARGET'}"
             )
             results.append(accuracy)
             held_embeddings[(tower, precision)] = embeddings
+            destination = entry.folder / graph_file
+            graph_files += [destination, weights_file(destination)]
             graphs[precision] = GraphEntry(
                 file=graph_file,
                 precision=precision,
@@ -176,9 +333,45 @@ def _calibrate_towers(
                     overflow=accuracy.overflow,
                 ),
             )
-            gc.collect()
         towers[tower] = replace(tower_manifest, graphs=graphs)
-    return results, _retrieval_agreement(held_embeddings, precisions), towers
+        # One tower at a time: its feeds and whatever the converters left go before the next.
+        feeds.clear()
+        gc.collect()
+    return results, _retrieval_agreement(held_embeddings, precisions), towers, graph_files
+
+
+def _longest_row_tokens(manifest: Manifest, tower: str) -> int:
+    """Tokens of the longest calibration row: the passages' default text length, or a
+    whole image's patches and CLS."""
+    from .openvino_int8 import VISION_PATCH
+
+    settings = manifest.towers[tower].settings
+    if hasattr(settings, "image_size"):
+        return (int(settings.image_size) // VISION_PATCH) ** 2 + 1
+    return int(getattr(settings, "default_max_length", 512))
+
+
+def _merged_report(
+    bundle_dir: Path, results: Sequence[TowerAccuracy], retrieval: dict
+) -> tuple[list[dict], dict]:
+    """This run's rows, plus the rows of an earlier report for the towers and precisions this
+    run did not touch (`--towers text` keeps the vision rows). Retrieval agreement needs both
+    towers: an earlier figure is kept only for precisions this run did not change."""
+    rows = [r.to_dict() for r in results]
+    path = bundle_dir / REPORT_NAME
+    if not path.is_file():
+        return rows, retrieval
+    try:
+        earlier = json.loads(path.read_text())
+    except ValueError:
+        return rows, retrieval
+    done = {(r.tower, r.precision) for r in results}
+    kept = [
+        r for r in earlier.get("towers", []) if (r.get("tower"), r.get("precision")) not in done
+    ]
+    touched = {r.precision for r in results}
+    kept_retrieval = {p: v for p, v in earlier.get("retrieval", {}).items() if p not in touched}
+    return kept + rows, {**kept_retrieval, **retrieval}
 
 
 def calibrate_bundle(
@@ -189,40 +382,63 @@ def calibrate_bundle(
     targets: dict[str, float] | None = None,
     search: bool = True,
     report: Callable[[str], None] = print,
+    towers: Sequence[str] | None = None,
+    max_memory_gb: float | None = None,
 ) -> list[TowerAccuracy]:
-    """Convert, measure and register every requested precision of every tower in the bundle."""
+    """Convert, measure and register every requested precision of every tower in the bundle
+    (`towers`: only these), planned to peak within `max_memory_gb` (refused up front when no
+    plan fits)."""
     check_precisions(precisions)
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
+    towers_wanted = check_towers(towers, list(manifest.towers))
+    row_tokens = {
+        t: (
+            graph_bytes(bundle_dir / manifest.towers[t].graphs["fp32"].file),
+            _longest_row_tokens(manifest, t),
+        )
+        for t in towers_wanted
+    }
+    for line in memory.check_budget(row_tokens, precisions, max_memory_gb):
+        report(f"[calibrate] {line}")
+    stages = Stages(report=report)
     model = clipedge.load(bundle_dir, backend="cpu", precision="fp32")
-    # New graphs are written to a staging folder inside the bundle and moved into place with
-    # the manifest at the end: an interrupted run leaves the bundle as it was (before, it left
-    # re-calibrated graphs that no longer matched the manifest, and the bundle would not load).
-    with tempfile.TemporaryDirectory(prefix=".clipedge-calibrate-", dir=bundle_dir) as staging:
-        results, retrieval, towers = _calibrate_towers(
+    # New graphs are finished in a work folder inside the bundle and moved into place with
+    # the manifest at the end: an interrupted run leaves the bundle's files and manifest as
+    # they were (before, it left re-calibrated graphs that no longer matched the manifest, and
+    # the bundle would not load), and the next run reuses every finished entry.
+    work = bundle_dir / WORK_DIR
+    work.mkdir(exist_ok=True)
+    with memory.budget(max_memory_gb):
+        results, retrieval, new_towers, graph_files = _calibrate_towers(
             bundle_dir,
-            Path(staging),
+            work,
             manifest,
             model,
+            towers_wanted,
             precisions,
             calibration,
             method,
             targets,
             search,
             report,
+            stages,
         )
-        for staged in sorted(Path(staging).iterdir()):
-            if staged.is_file():
-                os.replace(staged, bundle_dir / staged.name)
-        write_report(bundle_dir, [r.to_dict() for r in results], retrieval)
-        updated = replace(manifest, towers=towers, files=describe_files(bundle_dir))
-        updated.save(bundle_dir)
+    model.close()
+    for staged in graph_files:
+        if staged.is_file():
+            os.replace(staged, bundle_dir / staged.name)
+    rows, retrieval = _merged_report(bundle_dir, results, retrieval)
+    write_report(bundle_dir, rows, retrieval)
+    updated = replace(manifest, towers=new_towers, files=describe_files(bundle_dir))
+    updated.save(bundle_dir)
+    shutil.rmtree(work, ignore_errors=True)
     report(format_table(results))
     for precision, scores in retrieval.items():
         report(f"[calibrate] retrieval agreement {precision} vs fp32: {scores}")
     report(
         f"[calibrate] {bundle_dir}: {len(results)} graph(s) registered in clipedge.json, "
-        "accuracy_report.json written"
+        f"accuracy_report.json written; peak RSS {stages.peak_bytes / 1e9:.1f} GB"
     )
     return results
 

@@ -14,6 +14,7 @@ import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .feeds import Feed
 from .search import Converter
@@ -38,6 +39,8 @@ class PrecisionSpec:
     # Set when the converter has its own calibration scheme and ignores --calibration-method.
     fixed_method: str | None = None
     install_hint: str = "pip install 'clipedge[export]'"
+    # Whether the converter (or its checks) reads the calibration feeds at all.
+    uses_feeds: bool = True
 
     def graph_file(self, tower: str) -> str:
         return f"{tower}.{self.name}{self.suffix}"
@@ -102,13 +105,23 @@ def _int8_cpu(src: Path, feeds: Sequence[Feed], method: str) -> Converter:
 def _int8_openvino(src: Path, feeds: Sequence[Feed], method: str) -> Converter:
     import functools
 
+    from .memory import budget_gb, stage, statistics_tokens
     from .openvino_int8 import attention_matmuls, quantize_all, save_ir, with_float_inputs
+    from .report import graph_bytes
+
+    # Attention stays bf16: int8 attention was no faster on the full-size image and less
+    # accurate (docs/benchmarks.md, "The image tower at int8"). NNCF leaves it alone too:
+    # its statistics on the attention maps were most of the calibration's memory.
+    attention = attention_matmuls(src)
+
+    max_tokens = statistics_tokens(graph_bytes(src), budget_gb())
+
+    def quantize() -> Any:
+        with stage("NNCF statistics and quantisation"):
+            return quantize_all(src, feeds, float_layers=attention, max_tokens=max_tokens)
 
     # NNCF runs once, on the first call; every variant the search asks for is derived from it.
-    quantized = functools.cache(lambda: quantize_all(src, feeds))
-    # Attention stays bf16: int8 attention was no faster on the full-size image and less
-    # accurate (docs/benchmarks.md, "The image tower at int8").
-    attention = attention_matmuls(src)
+    quantized = functools.cache(quantize)
 
     def convert(keep_float: Sequence[str], dst: Path) -> Path:
         # OpenVINO keeps ONNX node names as friendly names, so ONNX node lists apply as is.
@@ -120,7 +133,7 @@ def _int8_openvino(src: Path, feeds: Sequence[Feed], method: str) -> Converter:
 PRECISIONS = {
     "fp16": PrecisionSpec("fp16", "gpu", 0.999, False, _fp16),
     "int8": PrecisionSpec("int8", "gpu", 0.99, True, _int8_qdq),
-    "int8-cpu": PrecisionSpec("int8-cpu", "cpu", 0.99, False, _int8_cpu),
+    "int8-cpu": PrecisionSpec("int8-cpu", "cpu", 0.99, False, _int8_cpu, uses_feeds=False),
     "int8-ov": PrecisionSpec(
         "int8-ov",
         "openvino",

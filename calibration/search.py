@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .feeds import Feed
+from .memory import stage
 from .report import cpu_session, pooled_embeddings, row_cosines, weights_file
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,22 @@ class HeldOut:
 
     def cosines(self, graph: Path) -> np.ndarray:
         """Cosine to fp32 of every item, in order."""
-        embeddings = pooled_embeddings(cpu_session(graph), self.tower, self.feeds)
+        session, rows, times = cpu_session(graph), [], []
+        for feed in self.feeds:  # timed per batch, for the report (no extra warm-up run)
+            began = time.perf_counter()
+            rows.append(pooled_embeddings(session, self.tower, [feed]))
+            times.append((time.perf_counter() - began) * 1000)
+        embeddings = np.concatenate(rows)
+        self.last = (_file_state(graph), embeddings, float(np.median(times)))
         return row_cosines(self.reference, embeddings)
+
+    def measured(self, graph: Path) -> tuple[np.ndarray, float] | None:
+        """Embeddings and ms per batch of the last `cosines` run, if it ran on the graph that
+        is at `graph` now (the accuracy report then need not run the held-out set again)."""
+        last = getattr(self, "last", None)
+        if last is None or last[0] != _file_state(graph):
+            return None
+        return last[1], last[2]
 
     def subset(self, items: Sequence[int]) -> HeldOut:
         """The chosen items (indices into this set), one feed per batch they come from: a
@@ -73,6 +88,20 @@ class HeldOut:
             if len(rows):
                 feeds.append({name: value[rows] for name, value in feed.items()})
         return HeldOut(self.tower, feeds, self.reference[chosen])
+
+
+def _file_state(graph: Path) -> tuple:
+    """What tells one graph file from a rewritten one: inode, size and mtime of the graph and
+    of its weights file."""
+    states = []
+    for path in (graph, weights_file(graph)):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            states.append(None)
+            continue
+        states.append((stat.st_ino, stat.st_size, stat.st_mtime_ns))
+    return tuple(states)
 
 
 def _duration(seconds: float) -> str:
@@ -91,8 +120,9 @@ def search_fallback(
     """The fewest float units that meet `target_cosine` on `held_out` (every unit float at
     worst; `other_nodes` are float only while ranking)."""
     start = time.perf_counter()
-    graph = convert([], destination)
-    cosines = held_out.cosines(graph)
+    with stage("whole-tower conversion"):
+        graph = convert([], destination)
+        cosines = held_out.cosines(graph)
     best = float(cosines.min())
     report(
         f"whole tower converted: min cosine {best:.5f} on {len(held_out)} held-out items "
@@ -102,7 +132,8 @@ def search_fallback(
         return SearchResult(graph, best, [], {})
     # NaN (an overflow in the variant) sorts last in argsort: count it as the worst there is.
     worst = held_out.subset(np.argsort(np.nan_to_num(cosines, nan=-2.0))[:RANKING_ITEMS])
-    sensitivity = _rank(convert, units, other_nodes, worst, destination, report)
+    with stage("search: ranking"):
+        sensitivity = _rank(convert, units, other_nodes, worst, destination, report)
     ranked = sorted(units, key=lambda unit: -sensitivity[unit])
 
     def keep(k: int) -> list[str]:
@@ -129,7 +160,26 @@ def search_fallback(
         f"halving the gap; a variant that misses on the {len(worst)} worst items is not run "
         "on the others"
     )
-    low, high = 0, len(ranked)  # k = low fails; k = high (all float) is the fallback
+    with stage("search: finding k"):
+        high, results = _find_k(
+            attempt, convert, keep, len(ranked), best, target_cosine, destination
+        )
+    report(f"kept float: {', '.join(ranked[:high]) or 'none'}")
+    return SearchResult(destination, results[high], ranked[:high], sensitivity)
+
+
+def _find_k(
+    attempt: Callable[..., float],
+    convert: Converter,
+    keep: Callable[[int], list[str]],
+    units: int,
+    best: float,
+    target_cosine: float,
+    destination: Path,
+) -> tuple[int, dict[int, float]]:
+    """The smallest k that meets the target (1, 2, 4, ... then bisecting the last gap); the
+    chosen graph is left at `destination`."""
+    low, high = 0, units  # k = low fails; k = high (all float) is the fallback
     results, last, k = {0: best}, 0, 1
     while k < high:
         results[k], last = attempt(k), k
@@ -149,8 +199,7 @@ def search_fallback(
             convert(keep(high), destination)
         else:
             results[high] = attempt(high, full=True)
-    report(f"kept float: {', '.join(ranked[:high]) or 'none'}")
-    return SearchResult(destination, results[high], ranked[:high], sensitivity)
+    return high, results
 
 
 def _rank(

@@ -232,25 +232,55 @@ def test_precision_with_missing_package_fails_before_any_work(bundle_copy, monke
     assert (bundle_copy / "clipedge.json").read_text() == before
 
 
+def bundle_files(bundle: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()}
+
+
 def test_an_interrupted_calibration_leaves_the_bundle_as_it_was(bundle_copy, monkeypatch):
     """Ctrl-C while a second precision converts: the graph the run had already rewritten
-    (int8, calibrated again on other samples) stays the old one, matching the manifest."""
-    from clipedge.calibration import precisions
+    (int8, calibrated again on other samples) stays the old one, matching the manifest; the
+    finished graph waits in the work folder, and the next run reuses it."""
+    from clipedge.calibration import pipeline, precisions
 
     assert main(calibrate_args(bundle_copy, "--precisions", "int8", "--no-search")) == 0
-    before = {p.name: p.read_bytes() for p in bundle_copy.iterdir()}
+    assert not (bundle_copy / pipeline.WORK_DIR).exists()  # a finished run leaves none
+    before = bundle_files(bundle_copy)
 
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    spec = dataclasses.replace(precisions.PRECISIONS["fp16"], make_converter=interrupted)
+    original = precisions.PRECISIONS["fp16"]
+    spec = dataclasses.replace(original, make_converter=interrupted)
     monkeypatch.setitem(precisions.PRECISIONS, "fp16", spec)
     args = calibrate_args(bundle_copy, "--precisions", "int8,fp16", "--no-search", "--seed", "1")
-    assert main(args) == 130  # "clipedge calibrate: interrupted", no traceback
-    assert {p.name: p.read_bytes() for p in bundle_copy.iterdir()} == before
+    assert main(args) == 130  # "clipedge calibrate: interrupted"
+    assert bundle_files(bundle_copy) == before
     with pytest.warns(RuntimeWarning, match="meant for gpu"):  # Q/DQ int8 is the GPU's
         model = clipedge.load(bundle_copy, backend="cpu", precision="int8", verify_checksums=True)
     assert model.encode_text("a caption").shape == (model.manifest.embed_dim,)
+    work = bundle_copy / pipeline.WORK_DIR
+    finished = sorted(p.parent.name.rsplit("-", 1)[0] for p in work.glob("*/result.json"))
+    assert finished == ["text.fp32", "text.int8"]
+
+    # The second run reuses the finished text int8 graph and converts only what is left.
+    converted = []
+
+    def counting(src, feeds, method, make=precisions.PRECISIONS["int8"].make_converter):
+        converted.append(Path(src).name)
+        return make(src, feeds, method)
+
+    monkeypatch.setitem(precisions.PRECISIONS, "fp16", original)
+    monkeypatch.setitem(
+        precisions.PRECISIONS,
+        "int8",
+        dataclasses.replace(precisions.PRECISIONS["int8"], make_converter=counting),
+    )
+    assert main(args) == 0
+    assert converted == ["vision.onnx"]
+    manifest = json.loads((bundle_copy / "clipedge.json").read_text())
+    assert {"fp16", "int8"} <= set(manifest["towers"]["text"]["graphs"])
+    assert not (bundle_copy / pipeline.WORK_DIR).exists()
+    clipedge.load(bundle_copy, backend="cpu", precision="fp16", verify_checksums=True)
 
 
 def test_an_unknown_precision_is_refused_before_the_data_is_read(tmp_path, capsys):
@@ -292,3 +322,64 @@ def test_undecodable_images_are_named_and_skipped(tmp_path, caplog):
     broken_only.write_text(f"{broken}\n")
     with pytest.raises(CalibrationDataError, match="none of the calibration images"):
         CalibrationSet.from_sources(broken_only, None)
+
+
+def test_towers_calibrates_one_tower_and_keeps_the_others_report_rows(bundle_copy, capsys):
+    assert main(calibrate_args(bundle_copy, "--precisions", "int8-cpu", "--no-search")) == 0
+    text_before = json.loads((bundle_copy / "clipedge.json").read_text())["towers"]["text"]
+    text_graph = (bundle_copy / "text.int8-cpu.onnx").read_bytes()
+    capsys.readouterr()
+    args = calibrate_args(bundle_copy, "--precisions", "int8-cpu", "--towers", "vision")
+    assert main([*args, "--no-search"]) == 0
+    out = capsys.readouterr().out
+    assert "[calibrate] vision int8-cpu: total" in out and "peak RSS" in out
+    assert "[calibrate] text" not in out
+    manifest = json.loads((bundle_copy / "clipedge.json").read_text())
+    assert manifest["towers"]["text"] == text_before
+    assert (bundle_copy / "text.int8-cpu.onnx").read_bytes() == text_graph
+    report = json.loads((bundle_copy / "accuracy_report.json").read_text())
+    assert sorted(r["tower"] for r in report["towers"]) == ["text", "vision"]
+    clipedge.load(bundle_copy, backend="cpu", verify_checksums=True)
+
+
+def test_bad_towers_and_an_unmeetable_memory_budget_are_refused_up_front(bundle_copy, capsys):
+    before = bundle_files(bundle_copy)
+    args = calibrate_args(bundle_copy, "--precisions", "int8-cpu")
+    assert main([*args, "--towers", "audio"]) == 2
+    assert "unknown tower(s) ['audio']" in capsys.readouterr().err
+    if importlib.util.find_spec("nncf") is not None:  # the budget plans NNCF's statistics
+        int8_ov = calibrate_args(bundle_copy, "--precisions", "int8-ov")
+        assert main([*int8_ov, "--max-memory", "0.01"]) == 2
+        err = capsys.readouterr().err
+        assert "clipedge calibrate: error: --max-memory 0.01 GB cannot be met" in err
+    assert bundle_files(bundle_copy) == before
+    assert main([*args, "--max-memory", "64", "--no-search"]) == 0
+    assert "within --max-memory 64 GB" in capsys.readouterr().out
+
+
+@needs_nncf
+def test_leaving_attention_out_of_nncf_gives_the_same_graph(tiny_bundle, tmp_path):
+    """NNCF's statistics on the attention maps cost memory and bought nothing: every variant
+    bypasses attention's quantisers anyway. Without them NNCF makes the same graph."""
+    from clipedge.calibration.data import tower_feeds
+    from clipedge.calibration.openvino_int8 import (
+        attention_matmuls,
+        quantize_all,
+        save_ir,
+        with_float_inputs,
+    )
+    from clipedge.calibration.report import cpu_session, pooled_embeddings
+
+    calibration = CalibrationSet.from_sources(PHOTO_GLOB, None, limit=12)
+    model = clipedge.load(tiny_bundle, backend="cpu")
+    feeds = tower_feeds(model, "vision", calibration, held_out=False)
+    held = tower_feeds(model, "vision", calibration, held_out=True)
+    graph = tiny_bundle / "vision.onnx"
+    attention = attention_matmuls(graph)
+    before = with_float_inputs(quantize_all(graph, feeds), attention)
+    after = with_float_inputs(quantize_all(graph, feeds, float_layers=attention), attention)
+    outputs = [
+        pooled_embeddings(cpu_session(save_ir(m, tmp_path / f"{name}.xml")), "vision", held)
+        for name, m in (("before", before), ("after", after))
+    ]
+    np.testing.assert_array_equal(outputs[0], outputs[1])

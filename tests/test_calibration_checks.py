@@ -457,3 +457,106 @@ def test_openvino_search_leaves_the_chosen_graph_at_the_destination(vision_case)
     assert result.min_cosine >= target or len(result.fp32_blocks) == len(case["blocks"])
     assert sum("ranked" in line for line in lines) == len(case["blocks"])
     assert not list(case["work"].glob("sensitivity-*")), "trial graphs are removed"
+
+
+# -- memory: per-stage peaks, the statistics feeds and the plan -------------------------------
+
+
+def test_stages_log_time_and_a_peak_that_covers_what_the_stage_allocated():
+    from clipedge.calibration import memory
+
+    lines = []
+    stages = memory.Stages(report=lines.append)
+    with memory.scope(stages, "text int8-ov"), stages("text int8-ov", "total"):
+        with memory.stage("statistics"):
+            block = np.ones(64 << 20, dtype=np.uint8)  # 64 MiB, touched
+            del block
+        with memory.stage("report"):
+            pass
+    assert [line.split(": ")[1].split(" ")[0] for line in lines] == [
+        "statistics",
+        "report",
+        "total",
+    ]
+    assert all(
+        line.startswith("[calibrate] text int8-ov: ") and "peak RSS" in line for line in lines
+    )
+    records = {r.name: r for r in stages.records}
+    if stages.exact:  # Linux: the kernel's per-stage peak
+        assert records["text int8-ov: statistics"].peak_bytes >= 64 << 20
+        assert (
+            records["text int8-ov: total"].peak_bytes
+            >= records["text int8-ov: statistics"].peak_bytes
+        )
+    with memory.stage("outside any scope"):  # logs nothing, fails nothing
+        pass
+    assert len(lines) == 3
+
+
+def test_statistics_feeds_cut_long_batches_into_row_groups_of_views():
+    from clipedge.calibration.openvino_int8 import statistics_feeds, tokens_per_row
+
+    text = {"input_ids": np.ones((8, 512), np.int64), "attention_mask": np.ones((8, 512), np.int64)}
+    short = {"input_ids": np.ones((8, 40), np.int64), "attention_mask": np.ones((8, 40), np.int64)}
+    image = {"pixel_values": np.zeros((4, 3, 512, 512), np.float32)}
+    assert tokens_per_row(text) == 512 and tokens_per_row(image) == 36 * 36 + 1
+    cut = statistics_feeds([text, short, image], max_tokens=1645)
+    assert [len(f["input_ids"]) if "input_ids" in f else len(f["pixel_values"]) for f in cut] == [
+        3,
+        3,
+        2,
+        8,
+        1,
+        1,
+        1,
+        1,
+    ]
+    assert all(np.shares_memory(f["input_ids"], text["input_ids"]) for f in cut[:3])
+    assert statistics_feeds([text], None)[0]["input_ids"].shape == (8, 512)
+    assert len(statistics_feeds([image], 10)) == 4  # one row at least
+
+
+def test_the_memory_plan_refuses_a_budget_no_row_fits_and_plans_the_rest():
+    from clipedge.calibration import memory
+    from clipedge.errors import OptionError
+
+    towers = {"text": (2_237_715_403, 512), "vision": (1_218_590_944, 1297)}
+    lines = memory.check_budget(towers, ["int8-ov"], None)
+    assert "text int8-ov statistics in feeds of <= " in lines[0] and "3 row(s) of 512" in lines[0]
+    assert "1 row(s) of 1297" in lines[1]
+    assert memory.statistics_tokens(towers["text"][0], 8) < memory.statistics_tokens(
+        towers["text"][0], None
+    )
+    lines = memory.check_budget(towers, ["int8-ov"], 8)
+    assert lines[-1] == "memory plan: one tower at a time within --max-memory 8 GB"
+    assert all(float(line.rsplit("~", 1)[1].split()[0]) <= 8 for line in lines[:-1])
+    with pytest.raises(OptionError, match="--max-memory 6 GB cannot be met: .* vision input"):
+        memory.check_budget({"vision": towers["vision"]}, ["int8-ov"], 6)
+    with pytest.raises(OptionError, match="positive"):
+        memory.check_budget(towers, ["fp16"], 0)
+    assert memory.check_budget(towers, ["fp16"], 4) == [
+        "memory plan: one tower at a time within --max-memory 4 GB"
+    ]
+
+
+def test_the_report_reuses_a_held_out_run_only_on_the_graph_it_ran(tmp_path, monkeypatch):
+    reference = np.eye(3, dtype=np.float32)
+    held_out = search.HeldOut("vision", [{"x": reference}], reference)
+
+    class Session:
+        def run(self, feed):
+            return feed["x"]
+
+    monkeypatch.setattr(search, "cpu_session", lambda graph: Session())
+    monkeypatch.setattr(
+        search, "pooled_embeddings", lambda s, tower, fs: np.concatenate([s.run(f) for f in fs])
+    )
+    graph = tmp_path / "g.onnx"
+    graph.write_bytes(b"one")
+    assert held_out.measured(graph) is None
+    held_out.cosines(graph)
+    embeddings, ms = held_out.measured(graph)
+    assert np.array_equal(embeddings, reference) and ms >= 0
+    graph.unlink()
+    graph.write_bytes(b"other graph")  # the search rewrote the destination afterwards
+    assert held_out.measured(graph) is None
