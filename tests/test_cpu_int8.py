@@ -303,7 +303,7 @@ def test_openvino_converter_keeps_the_named_onnx_nodes_float(
     runs = []
     quantize_all = openvino_int8.quantize_all
     monkeypatch.setattr(
-        openvino_int8, "quantize_all", lambda *a: runs.append(a) or quantize_all(*a)
+        openvino_int8, "quantize_all", lambda *a, **k: runs.append(a) or quantize_all(*a, **k)
     )
     src = tiny_bundle / "vision.onnx"
     blocks = nodes_by_block(onnx.load(str(src)))
