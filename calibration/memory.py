@@ -191,6 +191,13 @@ def check_budget(row_tokens: dict[str, tuple[int, int]], precisions, max_memory_
         raise OptionError(f"--max-memory must be a positive number of GB, not {max_memory_gb:g}")
     lines = []
     for tower, (fp32_bytes, tokens) in row_tokens.items():
+        # Every precision runs the fp32 graph for its reference (and most convert a copy).
+        floor = BASE_BYTES + COMPILED_PER_FP32_BYTE * fp32_bytes
+        if max_memory_gb is not None and floor > max_memory_gb * GB:
+            raise OptionError(
+                f"--max-memory {max_memory_gb:g} GB cannot be met: the {tower} tower's fp32 "
+                f"graph ({fp32_bytes / GB:.1f} GB) alone needs ~{floor / GB:.1f} GB to run"
+            )
         if "int8-ov" not in precisions:
             continue
         allowed = statistics_tokens(fp32_bytes, max_memory_gb)
