@@ -20,19 +20,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import os
 import re
 import resource
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from .common import markdown_table, write_json
+from .common import markdown_table, stream_child, tree_rss, write_json
 from .machine import describe, machine_info
 
 POLL_S = 0.2
@@ -41,19 +38,6 @@ STAGE = re.compile(
     r"peak RSS (?P<gb>[\d.]+) GB"
 )
 COSINE = re.compile(r"^\[calibrate\] (?P<scope>[^:]+): min cosine (?P<cos>[\d.]+) (?P<result>.+)$")
-
-
-def tree_rss(proc: psutil.Process) -> int:
-    """RSS of a process and all its descendants (0 for those that are gone)."""
-    total = 0
-    try:
-        members = [proc, *proc.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    for member in members:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            total += member.memory_info().rss
-    return total
 
 
 def calibrate_command(bundle: Path, tower: str, precision: str, extra: list[str]) -> list[str]:
@@ -69,25 +53,14 @@ def run_one(command: list[str], log: Path, kill_above_gb: float | None = None) -
     lines: list[str] = []
     start = time.perf_counter()
     with log.open("w") as sink:
-        child = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
 
-        def reader() -> None:
-            assert child.stdout is not None
-            for line in child.stdout:
-                lines.append(line.rstrip())
-                sink.write(line)
-                sink.flush()
-                print(f"  | {line.rstrip()}", flush=True)
+        def on_line(line: str) -> None:
+            lines.append(line)
+            sink.write(line + "\n")
+            sink.flush()
+            print(f"  | {line}", flush=True)
 
-        thread = threading.Thread(target=reader, daemon=True)
-        thread.start()
+        child, thread = stream_child(command, on_line)
         proc = psutil.Process(child.pid)
         peak, killed = 0, False
         while child.poll() is None:

@@ -8,6 +8,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -146,3 +147,44 @@ def torch_tower(checkpoint: Path, tower: str) -> Any:
 def torch_inputs(feed: Feed) -> list[np.ndarray]:
     """A feed's arrays in the towers' argument order."""
     return [feed[name] for name in sorted(feed, key=INPUT_ORDER.index)]
+
+
+def tree_rss(proc: Any) -> int:
+    """RSS of a `psutil.Process` and all its descendants (0 for those that are gone)."""
+    import psutil
+
+    try:
+        members = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for member in members:
+        try:
+            total += member.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
+def stream_child(
+    command: list[str], on_line: Callable[[str], object]
+) -> tuple[subprocess.Popen, threading.Thread]:
+    """Start `command` (unbuffered Python output) with each line of its stdout and stderr
+    handed to `on_line` from a reader thread; join the thread after the child exits."""
+    child = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+    def reader() -> None:
+        assert child.stdout is not None
+        for line in child.stdout:
+            on_line(line.rstrip())
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    return child, thread

@@ -18,16 +18,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
-import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -41,7 +37,7 @@ import psutil
 
 from clipedge.towers import VISION
 
-from .common import cosines, write_json
+from .common import cosines, stream_child, tree_rss, write_json
 from .machine import machine_info
 
 GB = 1e9
@@ -69,19 +65,6 @@ class ExportMeasurement:
         return sum(self.bundle_files.values())
 
 
-def _tree_rss(proc: psutil.Process) -> int:
-    """RSS of a process and all its descendants (0 for those that are gone)."""
-    total = 0
-    try:
-        members = [proc, *proc.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    for member in members:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            total += member.memory_info().rss
-    return total
-
-
 def export_command(checkpoint: Path, bundle: Path) -> list[str]:
     """The `clipedge export` console script of this interpreter, or `python -m clipedge.cli`."""
     script = Path(sys.executable).with_name("clipedge")
@@ -96,27 +79,16 @@ def run_export(checkpoint: Path, bundle: Path, poll_s: float = POLL_S) -> Export
     command = export_command(checkpoint, bundle)
     lines: list[tuple[float, str]] = []
     start = time.perf_counter()
-    child = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
 
-    def reader() -> None:
-        assert child.stdout is not None
-        for line in child.stdout:
-            lines.append((time.perf_counter() - start, line.rstrip()))
-            print(f"  | {line.rstrip()}", flush=True)
+    def on_line(line: str) -> None:
+        lines.append((time.perf_counter() - start, line))
+        print(f"  | {line}", flush=True)
 
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
+    child, thread = stream_child(command, on_line)
     proc = psutil.Process(child.pid)
     samples: list[tuple[float, int]] = []
     while child.poll() is None:
-        samples.append((time.perf_counter() - start, _tree_rss(proc)))
+        samples.append((time.perf_counter() - start, tree_rss(proc)))
         time.sleep(poll_s)
     wall = time.perf_counter() - start
     thread.join(timeout=10)
