@@ -34,12 +34,6 @@ def _status_kib(key: str) -> int | None:
     return None
 
 
-def rss_bytes() -> int:
-    """The process's resident set now (0 where /proc is missing)."""
-    kib = _status_kib("VmRSS")
-    return (kib or 0) * 1024
-
-
 def lifetime_peak_bytes() -> int:
     """The process's peak resident set since it started."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -57,16 +57,6 @@ def load_safetensors(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _export(tmp_path_factory: pytest.TempPathFactory, name: str, **kwargs) -> Path:
-    pytest.importorskip("torch", reason="exporting needs the [export] extra (torch)")
-    from clipedge.export.pipeline import export_bundle
-
-    bundle = tmp_path_factory.mktemp(name)
-    result = export_bundle(str(CHECKPOINT), bundle, report=lambda line: None, **kwargs)
-    assert result.ok, result.verifications
-    return bundle
-
-
 def _checked_in(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
     """A session's copy of a checked-in bundle (tests may write beside the graphs)."""
     bundle = tmp_path_factory.mktemp(name) / name
