@@ -72,6 +72,7 @@ def _tower_precision(
     tower: str,
     precision: str,
     fp32_graph: Path,
+    source: Path,
     destination: Path,
     calib_feeds: Sequence[Feed],
     held_feeds: Sequence[Feed],
@@ -83,11 +84,11 @@ def _tower_precision(
     report: Callable[[str], None],
 ) -> tuple[TowerAccuracy, np.ndarray]:
     spec = PRECISIONS[precision]
-    convert = spec.make_converter(fp32_graph, calib_feeds, method)
+    convert = spec.make_converter(source, calib_feeds, method)
     fp32_blocks: list[str] = []
     held_out = HeldOut(tower, held_feeds, reference_held)
     if search:
-        graph_model = onnx.load(str(fp32_graph), load_external_data=False)
+        graph_model = onnx.load(str(source), load_external_data=False)
         blocks = nodes_by_block(graph_model)
         others = _other_nodes(graph_model, blocks)
         del graph_model
@@ -238,7 +239,11 @@ def _calibrate_towers(
     towers = dict(manifest.towers)
     for tower in towers_wanted:
         tower_manifest = manifest.towers[tower]
-        fp32_graph = bundle_dir / tower_manifest.graphs["fp32"].file
+        fp32_entry = tower_manifest.graphs["fp32"]
+        fp32_graph = bundle_dir / fp32_entry.file
+        # onnxruntime's CPU form of it (attention fused, where the export wrote one): the CPU
+        # reference runs it, and the onnxruntime CPU precision is converted from it.
+        fp32_cpu_graph = bundle_dir / fp32_entry.file_for("cpu")
         base_key = {
             "fp32": _fp32_sha256(manifest, bundle_dir, fp32_graph),
             "data": _data_key(calibration, tower),
@@ -255,7 +260,7 @@ def _calibrate_towers(
         if not reference_entry.done:
             with stages(f"{tower} fp32", "feeds and reference embeddings"):
                 folder = reference_entry.start()
-                fp32 = cpu_session(fp32_graph)
+                fp32 = cpu_session(fp32_cpu_graph)
                 reference, fp32_ms = timed_embeddings(fp32, tower, tower_feeds_once(True))
                 del fp32
                 reference_entry.finish({"ms_per_batch": fp32_ms}, reference)
@@ -298,6 +303,7 @@ def _calibrate_towers(
                         tower,
                         precision,
                         fp32_graph,
+                        fp32_cpu_graph if spec.device == "cpu" else fp32_graph,
                         folder / graph_file,
                         calib_feeds,
                         tower_feeds_once(True),

@@ -55,7 +55,13 @@ def _tower_manifest(graph: ExportedGraph, cfg: ClipConfig) -> TowerManifest:
     spec = tower_spec(graph.tower)
     shape = ["batch", dim] if pooled else token_shape
     return TowerManifest(
-        graphs={"fp32": GraphEntry(file=graph.path.name, precision="fp32")},
+        graphs={
+            "fp32": GraphEntry(
+                file=graph.path.name,
+                precision="fp32",
+                onnxruntime_cpu_file=cpu.name if (cpu := graph.onnxruntime_cpu_path) else None,
+            )
+        },
         inputs=inputs,
         outputs=[TensorSpec(graph.output_names[0], "float32", shape)],
         pooling=spec.pooling,

@@ -21,6 +21,7 @@ import torch
 from clipedge.towers import TEXT, VISION, tower_spec
 
 from .config import ClipConfig
+from .fused_attention import write_onnxruntime_cpu_graph
 from .graph_check import GraphReport, check_graph
 from .opset import DEFAULT_OPSET
 
@@ -41,6 +42,8 @@ class ExportedGraph:
     input_names: list[str]
     output_names: list[str]
     report: GraphReport
+    # The same graph with attention fused for onnxruntime's CPU provider (fused_attention.py).
+    onnxruntime_cpu_path: Path | None = None
 
 
 def tower_io(tower: str, pooled: bool) -> tuple[list[str], list[str]]:
@@ -92,7 +95,8 @@ def export_tower(
     out_dir: Path,
     opset: int = DEFAULT_OPSET,
 ) -> ExportedGraph:
-    """Trace `module` and write `<tower>.onnx` (plus `<tower>.onnx.data` when > 2 GB)."""
+    """Trace `module` and write `<tower>.onnx` (plus `<tower>.onnx.data` when > 2 GB), and
+    its onnxruntime CPU form when it has masked attention to fuse."""
     pooled = bool(getattr(module, "pooled", True))
     input_names, output_names = tower_io(tower, pooled)
     axes = {
@@ -142,4 +146,5 @@ def export_tower(
         input_names=input_names,
         output_names=output_names,
         report=report,
+        onnxruntime_cpu_path=write_onnxruntime_cpu_graph(path),
     )

@@ -98,15 +98,19 @@ def _export_towers(
         report(f"[export] {tower}.onnx ops: {graph.report.histogram_text()}")
         if not graph.report.ok:
             raise ExportError(f"{tower}.onnx is not TensorRT-ready: {graph.report.problems}")
-        report(f"[verify] {tower}: onnxruntime vs PyTorch on sample inputs")
-        check = verify_graph(module, graph, checkpoint.config)
-        report(
-            f"[verify] {tower}: max-abs {check.max_abs:.3g} (normalised "
-            f"{check.max_abs_normalised:.3g}), min cosine {check.min_cosine:.7f} "
-            f"{'OK' if check.ok else 'FAILED'}"
-        )
+        forms = [(tower, graph.path)]
+        if graph.onnxruntime_cpu_path is not None:
+            forms.append((f"{tower} (onnxruntime CPU form)", graph.onnxruntime_cpu_path))
+        for name, path in forms:
+            report(f"[verify] {name}: onnxruntime vs PyTorch on sample inputs")
+            check = verify_graph(module, graph, checkpoint.config, path)
+            report(
+                f"[verify] {name}: max-abs {check.max_abs:.3g} (normalised "
+                f"{check.max_abs_normalised:.3g}), min cosine {check.min_cosine:.7f} "
+                f"{'OK' if check.ok else 'FAILED'}"
+            )
+            verifications.append(check)
         graphs.append(graph)
-        verifications.append(check)
         del module
         gc.collect()
     return checkpoint, graphs, verifications

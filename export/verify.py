@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -61,12 +62,17 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return truncate_and_normalize(x)
 
 
-def verify_graph(module: torch.nn.Module, graph: ExportedGraph, cfg: ClipConfig) -> Verification:
+def verify_graph(
+    module: torch.nn.Module, graph: ExportedGraph, cfg: ClipConfig, path: Path | None = None
+) -> Verification:
+    """The graph at `path` (default: `graph.path`) against the PyTorch tower."""
     inputs = verification_inputs(graph.tower, cfg)
     with torch.no_grad():
         expected = module(*(torch.from_numpy(v) for v in inputs.values())).numpy()
     options = ort.SessionOptions()
-    session = ort.InferenceSession(str(graph.path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(path or graph.path), options, providers=["CPUExecutionProvider"]
+    )
     actual = session.run(None, inputs)[0]
     del session
     pooling = tower_spec(graph.tower).pooling

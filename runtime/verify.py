@@ -180,7 +180,7 @@ def _open(bundle: Path, manifest: Manifest, candidate: Candidate) -> Any:
     chosen = backend(candidate.backend)
     tower = manifest.towers[candidate.tower]
     options = candidate.options or chosen.options_type()
-    graph = bundle / tower.graphs[candidate.precision].file
+    graph = bundle / tower.graphs[candidate.precision].file_for(candidate.backend)
     return chosen.open(graph, tower, options, True)
 
 

@@ -217,7 +217,7 @@ def test_a_replaced_file_is_caught_and_verify_files_rehashes(
     with pytest.raises(BundleError, match="vision.onnx does not match its sha256"):
         clipedge.load(bundle, backend="cpu")
     assert main(["verify", str(copy_bundle(tiny_bundle, tmp_path, "good")), "--files"]) == 0
-    assert "6 files" in capsys.readouterr().out
+    assert "7 files" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("value", ["yes", 1, 0.5])
@@ -251,7 +251,7 @@ def _width(width):
             lambda d: d["towers"]["vision"]["outputs"][0].update(name="pooled"),
             r"towers.vision.outputs\[0\]: the manifest names output 'pooled'",
         ),
-        (_width(32), "embed_dim: the manifest says 32, the text graph text.onnx returns"),
+        (_width(32), "embed_dim: the manifest says 32, the text graph text.onnxruntime-cpu.onnx"),
         (
             lambda d: (
                 d["towers"]["vision"]["inputs"][0].update(shape=["batch", 3, 32, 32])

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("onnx", reason="calibration needs onnx (the export extra)")
+onnx = pytest.importorskip("onnx", reason="calibration needs onnx (the export extra)")
 
 import clipedge
 from clipedge.calibration.data import (
@@ -103,6 +103,13 @@ def test_every_precision_end_to_end(bundle_copy, reference, capsys):
     assert graphs["int8"]["accuracy"]["method"] == "max"
     for name in ("text.fp16.onnx", "vision.int8.onnx", "text.int8-cpu.onnx"):
         assert name in manifest["files"]
+    # onnxruntime's CPU precision comes from the fused fp32 form; the GPU ones stay portable
+    ops = {
+        name: {n.op_type for n in onnx.load(str(bundle_copy / name)).graph.node}
+        for name in ("text.int8-cpu.onnx", "text.int8.onnx", "text.fp16.onnx")
+    }
+    assert "MultiHeadAttention" in ops["text.int8-cpu.onnx"]
+    assert "MultiHeadAttention" not in ops["text.int8.onnx"] | ops["text.fp16.onnx"]
     report = json.loads((bundle_copy / "accuracy_report.json").read_text())
     assert {t["tower"] for t in report["towers"]} == {"text", "vision"}
     assert "random weights" in report["note"]

@@ -241,9 +241,11 @@ def random_batch(lengths: list[int], vocab: int, seed: int) -> np.ndarray:
     return pad(rows)
 
 
-@pytest.fixture(scope="module")
-def text_session(tiny_bundle) -> ort.InferenceSession:
-    return ort.InferenceSession(str(tiny_bundle / "text.onnx"), providers=["CPUExecutionProvider"])
+@pytest.fixture(scope="module", params=["text.onnx", "text.onnxruntime-cpu.onnx"])
+def text_session(tiny_bundle, request) -> ort.InferenceSession:
+    """The portable graph and onnxruntime's CPU form (attention fused), both checked."""
+    graph = str(tiny_bundle / request.param)
+    return ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
 
 
 @pytest.mark.parametrize(

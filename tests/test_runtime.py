@@ -216,14 +216,14 @@ def test_truncated_graph(tiny_bundle, tmp_path):
 
 def test_corrupt_graph_same_size(tiny_bundle, tmp_path):
     bundle = copy_bundle(tiny_bundle, tmp_path)
-    graph = bundle / "text.onnx"
+    graph = bundle / "text.onnxruntime-cpu.onnx"  # what the CPU backend loads
     graph.write_bytes(b"\xff" * graph.stat().st_size)
     with pytest.raises(BundleError, match="sha256"):
         clipedge.load(bundle, verify_checksums=True)
     with pytest.raises(BundleError, match="sha256"):  # the default: hashed at the first load
         clipedge.load(bundle)
     # Without hashing, the graph's header check still refuses it before any encode.
-    with pytest.raises(BundleError, match="text.onnx is not a readable ONNX graph"):
+    with pytest.raises(BundleError, match="text.onnxruntime-cpu.onnx is not a readable ONNX graph"):
         clipedge.load(bundle, verify_checksums=False)
 
 
@@ -266,9 +266,10 @@ def _flip_weight_exponents(graph: Path) -> None:
 
 def test_non_finite_output_names_the_item_and_the_remedy(tiny_bundle, tmp_path, reference):
     bundle = copy_bundle(tiny_bundle, tmp_path)
-    _flip_weight_exponents(bundle / "text.onnx")
+    graph = "text.onnxruntime-cpu.onnx"  # what the CPU backend loads
+    _flip_weight_exponents(bundle / graph)
     manifest = json.loads((bundle / "clipedge.json").read_text())
-    manifest["files"]["text.onnx"]["bytes"] = (bundle / "text.onnx").stat().st_size
+    manifest["files"][graph]["bytes"] = (bundle / graph).stat().st_size
     (bundle / "clipedge.json").write_text(json.dumps(manifest))
     model = clipedge.load(bundle, backend="cpu", verify_checksums=False)
     with pytest.raises(clipedge.NonFiniteEmbeddingError, match=r"item \d.*verify_checksums=True"):

@@ -73,12 +73,24 @@ class GraphEntry:
     `device` says where the graph is meant to run fast: "any" (fp32), "gpu" (fp16 and Q/DQ
     int8 for TensorRT / CUDA), "cpu" (onnxruntime CPU int8) or "openvino" (an OpenVINO IR
     `.xml`; its `.bin` beside it). `accuracy`: None for the fp32 reference.
+    `onnxruntime_cpu_file`: the same graph with its attention fused into onnxruntime's
+    MultiHeadAttention (memory linear in the text length), which only onnxruntime reads; the
+    CPU backend loads it, every other backend `file`. None: `file` serves all.
     """
 
     file: str
     precision: str
     device: str = "any"
     accuracy: Accuracy | None = None
+    onnxruntime_cpu_file: str | None = None
+
+    def file_for(self, backend: str) -> str:
+        """The file a backend loads ("cpu" is onnxruntime's CPU provider)."""
+        return (
+            self.onnxruntime_cpu_file
+            if backend == "cpu" and self.onnxruntime_cpu_file
+            else self.file
+        )
 
     @property
     def passed(self) -> bool:
@@ -92,6 +104,7 @@ class GraphEntry:
             precision=data["precision"],
             device=data.get("device", "any"),
             accuracy=None if accuracy is None else Accuracy.from_dict(accuracy),
+            onnxruntime_cpu_file=data.get("onnxruntime_cpu_file"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,6 +113,11 @@ class GraphEntry:
             "precision": self.precision,
             "device": self.device,
             "accuracy": None if self.accuracy is None else self.accuracy.to_dict(),
+            **(
+                {"onnxruntime_cpu_file": self.onnxruntime_cpu_file}
+                if self.onnxruntime_cpu_file
+                else {}
+            ),
         }
 
 

@@ -72,6 +72,8 @@ def manifest_paths(manifest: Any) -> Iterator[tuple[str, Any]]:
         where = f"towers.{tower_name}"
         for precision, graph in tower.graphs.items():
             yield f"{where}.graphs.{precision}.file", graph.file
+            if graph.onnxruntime_cpu_file is not None:
+                yield f"{where}.graphs.{precision}.onnxruntime_cpu_file", graph.onnxruntime_cpu_file
         for key in ("tokenizer", "preprocessor"):
             if hasattr(tower.settings, key):
                 yield f"{where}.settings.{key}", getattr(tower.settings, key)

@@ -183,6 +183,6 @@ def plan_execution(
             graphs = {p: g for p, g in graphs.items() if p in with_engines} or graphs
         chosen = choose_precision(tower_name, graphs, device, precision)
         towers[tower_name] = TowerPlan(
-            tower_name, chosen, Path(bundle_dir) / tower.graphs[chosen].file
+            tower_name, chosen, Path(bundle_dir) / tower.graphs[chosen].file_for(name)
         )
     return ExecutionPlan(name, towers, auto=backend == "auto")
