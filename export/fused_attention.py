@@ -31,13 +31,14 @@ PAD, ONE, TO_3D = "fused_attention/pad", "fused_attention/one", "fused_attention
 
 @dataclass(frozen=True)
 class _Attention:
-    """One exported attention: q, k, v [B, heads, L, head_dim], the mask bias [B, 1, 1, L],
+    """One exported attention: q, k, v [B, heads, L, head_dim], the mask bias [B, 1, 1, L]
+    (None: unmasked, as in the vision tower),
     the context [B, L, heads*head_dim] it ends in, and the nodes it replaces."""
 
     query: str
     key: str
     value: str
-    bias: str
+    bias: str | None
     context: str
     heads: int
     removed: tuple[onnx.NodeProto, ...]
@@ -75,22 +76,30 @@ def _find(graph: onnx.GraphProto) -> list[_Attention]:
 
     found = []
     for softmax in (n for n in graph.node if n.op_type == "Softmax"):
-        add = producer.get(softmax.input[0])
-        if add is None or add.op_type != "Add":
+        axis = next((a.i for a in softmax.attribute if a.name == "axis"), -1)
+        before = producer.get(softmax.input[0])
+        if axis not in (-1, 3) or before is None or len(consumers[before.output[0]]) != 1:
             continue
-        scores = next(
-            (producer[i] for i in add.input if i in producer and producer[i].op_type == "MatMul"),
-            None,
-        )
-        if scores is None:
+        bias, removed = None, [softmax]
+        scores = before
+        if before.op_type == "Add":  # masked: scores + bias
+            removed.append(before)
+            scores = next(
+                (producer[i] for i in before.input if producer.get(i, before).op_type == "MatMul"),
+                None,
+            )
+            if scores is None or len(consumers[scores.output[0]]) != 1:
+                continue
+            bias = next(i for i in before.input if i != scores.output[0])
+        if scores.op_type != "MatMul":
             continue
-        bias = next(i for i in add.input if i != scores.output[0])
         key_t = producer.get(scores.input[1])
         probs = only_consumer(softmax.output[0], "MatMul")
-        to_bsnh = probs and only_consumer(probs.output[0], "Transpose")
-        merge = to_bsnh and only_consumer(to_bsnh.output[0], "Reshape")
+        to_bsnh = only_consumer(probs.output[0], "Transpose") if probs else None
+        merge = only_consumer(to_bsnh.output[0], "Reshape") if to_bsnh else None
         if (
-            key_t is None
+            merge is None
+            or key_t is None
             or key_t.op_type != "Transpose"
             or _perm(key_t) != [0, 1, 3, 2]
             or probs.input[0] != softmax.output[0]
@@ -98,13 +107,14 @@ def _find(graph: onnx.GraphProto) -> list[_Attention]:
         ):
             continue
         query_dims = _dims(value_info, scores.input[0])
-        bias_dims = _dims(value_info, bias)
         if query_dims is None or len(query_dims) != 4 or not isinstance(query_dims[1], int):
             continue
-        if bias_dims is None or len(bias_dims) != 4 or bias_dims[1:3] != [1, 1]:
-            continue
-        removed = [add, scores, softmax, probs, to_bsnh, merge]
-        if len(consumers.get(key_t.output[0], [])) == 1:
+        if bias is not None:
+            bias_dims = _dims(value_info, bias)
+            if bias_dims is None or len(bias_dims) != 4 or bias_dims[1:3] != [1, 1]:
+                continue
+        removed += [scores, probs, to_bsnh, merge]
+        if len(consumers[key_t.output[0]]) == 1:
             removed.append(key_t)
         found.append(
             _Attention(
@@ -130,14 +140,20 @@ def _to_3d(name: str, prefix: str) -> tuple[list[onnx.NodeProto], str]:
     ], out
 
 
-def _fused_nodes(attention: _Attention, prefix: str, bias_column: str) -> list[onnx.NodeProto]:
-    """q with a component of 1, k with the mask's bias, then MultiHeadAttention."""
-    nodes = [
-        helper.make_node("Pad", [attention.query, PAD, ONE], [f"{prefix}/q_one"], mode="constant"),
-        helper.make_node("Concat", [attention.key, bias_column], [f"{prefix}/k_bias"], axis=-1),
-    ]
+def _fused_nodes(
+    attention: _Attention, prefix: str, bias_column: str | None
+) -> list[onnx.NodeProto]:
+    """MultiHeadAttention on q, k, v; when masked, q with a component of 1 and k with the
+    mask's bias."""
+    nodes, query, key = [], attention.query, attention.key
+    if bias_column is not None:
+        query, key = f"{prefix}/q_one", f"{prefix}/k_bias"
+        nodes += [
+            helper.make_node("Pad", [attention.query, PAD, ONE], [query], mode="constant"),
+            helper.make_node("Concat", [attention.key, bias_column], [key], axis=-1),
+        ]
     inputs = []
-    for name, tag in ((f"{prefix}/q_one", "q"), (f"{prefix}/k_bias", "k"), (attention.value, "v")):
+    for name, tag in ((query, "q"), (key, "k"), (attention.value, "v")):
         reshaped, out = _to_3d(name, f"{prefix}/{tag}")
         nodes += reshaped
         inputs.append(out)
@@ -156,7 +172,7 @@ def _fused_nodes(attention: _Attention, prefix: str, bias_column: str) -> list[o
 
 
 def fuse_attention(model: onnx.ModelProto) -> int:
-    """Rewrite every masked self-attention of `model` into MultiHeadAttention, in place.
+    """Rewrite every self-attention of `model` into MultiHeadAttention, in place.
 
     Returns how many were fused (0: nothing matched, the model is unchanged)."""
     graph = model.graph
@@ -174,7 +190,8 @@ def fuse_attention(model: onnx.ModelProto) -> int:
         prefix = f"fused_attention/{index}"
         nodes: list[onnx.NodeProto] = []
         column = bias_columns.get((attention.bias, attention.heads))
-        if column is None:  # [B, 1, 1, L] -> [B, heads, L, 1], once per mask and head count
+        if column is None and attention.bias is not None:
+            # [B, 1, 1, L] -> [B, heads, L, 1], once per mask and head count
             shape, column = f"{prefix}/heads", f"{prefix}/bias_column"
             constants.append(
                 numpy_helper.from_array(np.array([1, attention.heads, 1, 1], np.int64), shape)
@@ -202,6 +219,10 @@ def fuse_attention(model: onnx.ModelProto) -> int:
     del graph.node[:]
     graph.node.extend(kept)
     graph.initializer.extend(constants)
+    read = {name for node in graph.node for name in node.input}
+    unread = [t for t in graph.initializer if t.name not in read]  # e.g. removed shapes
+    for tensor in unread:
+        graph.initializer.remove(tensor)
     live = {name for node in graph.node for name in node.output}
     kept_info = [v for v in graph.value_info if v.name in live]
     del graph.value_info[:]

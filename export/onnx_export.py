@@ -1,8 +1,9 @@
 """Export one tower to ONNX with dynamic batch (and sequence) axes.
 
 Uses the torch.export-based exporter (`dynamo=True`), which writes opset 18+ graphs with
-LayerNormalization and no TorchScript leftovers. A graph larger than protobuf's 2 GB limit is
-saved with its weights in one external data file beside it.
+LayerNormalization and no TorchScript leftovers. A graph with more than 64 MB of weights keeps
+them in one external data file beside it (protobuf's limit is 2 GB; the graph's onnxruntime CPU
+form, `fused_attention.py`, reads the same file).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ log = logging.getLogger(__name__)
 # The exporter logs a warning per torchvision op it cannot register; clipedge uses none.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
-PROTOBUF_LIMIT = 2**31 - 1
+# Weights above this go to one external data file beside the graph (protobuf holds < 2 GB),
+# which the graph's onnxruntime CPU form then reads too instead of a copy.
+EXTERNAL_WEIGHTS_ABOVE = 64 << 20
 # Shapes used only to trace; the exported axes are symbolic.
 TRACE_BATCH, TRACE_LENGTH = 2, 16
 
@@ -129,7 +132,7 @@ def export_tower(
     _strip_debug_metadata(program.model)
     path = out_dir / f"{tower}.onnx"
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    external = weight_bytes > PROTOBUF_LIMIT - (64 << 20)
+    external = weight_bytes > EXTERNAL_WEIGHTS_ABOVE
     program.save(str(path), external_data=external)
     del program
     data_path = path.with_name(path.name + ".data")

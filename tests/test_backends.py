@@ -28,9 +28,9 @@ def test_auto_plans_cpu_and_fastest_passing_precision(tiny_bundle):
     execution = plan.plan_execution(manifest, tiny_bundle)
     assert execution.backend == "cpu" and execution.auto
     assert execution.precisions == {"text": "fp32", "vision": "fp32"}
-    # onnxruntime's CPU provider loads the graph with attention fused, the others the portable one
+    # onnxruntime's CPU provider loads the graphs with attention fused
     assert execution.towers["text"].graph == tiny_bundle / "text.onnxruntime-cpu.onnx"
-    assert execution.towers["vision"].graph == tiny_bundle / "vision.onnx"
+    assert execution.towers["vision"].graph == tiny_bundle / "vision.onnxruntime-cpu.onnx"
 
 
 def test_unknown_backend(tiny_bundle):

@@ -217,7 +217,7 @@ def test_a_replaced_file_is_caught_and_verify_files_rehashes(
     with pytest.raises(BundleError, match="vision.onnx does not match its sha256"):
         clipedge.load(bundle, backend="cpu")
     assert main(["verify", str(copy_bundle(tiny_bundle, tmp_path, "good")), "--files"]) == 0
-    assert "7 files" in capsys.readouterr().out
+    assert "8 files" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("value", ["yes", 1, 0.5])

@@ -1,10 +1,11 @@
-"""onnxruntime's CPU form of the text graph: attention fused into MultiHeadAttention.
+"""onnxruntime's CPU form of the graphs: attention fused into MultiHeadAttention.
 
-The portable graph materialises [batch, heads, L, L] scores per layer; the fused form runs
-onnxruntime's flash-attention kernel, whose memory is linear in L. Its values are checked
-past 512 tokens against an independent reference in test_long_text_reference.py; here: the
-structure of both forms, equality with the portable graph on padded batches, and the memory
-of one 8192-token text.
+The portable graphs materialise [batch, heads, L, L] scores per layer; the fused forms run
+onnxruntime's flash-attention kernel, whose memory is linear in L (the text tower's padding
+mask folded into q and k). The text form's values are checked past 512 tokens against an
+independent reference in test_long_text_reference.py; here: the structure of both forms,
+equality with the portable graphs on padded batches and images, and the memory of one
+8192-token text.
 """
 
 from __future__ import annotations
@@ -41,21 +42,36 @@ def test_the_manifest_names_the_cpu_form_and_the_cpu_backend_loads_it(tiny_bundl
     assert model.plan.towers["text"].graph.name == CPU_FORM
 
 
-def test_every_attention_is_fused_and_the_portable_graph_keeps_standard_ops(tiny_bundle):
-    portable, fused = _ops(tiny_bundle / "text.onnx"), _ops(tiny_bundle / CPU_FORM)
+@pytest.mark.parametrize("tower", ["text", "vision"])
+def test_every_attention_is_fused_and_the_portable_graph_keeps_standard_ops(tiny_bundle, tower):
+    portable = _ops(tiny_bundle / f"{tower}.onnx")
+    fused = _ops(tiny_bundle / f"{tower}.onnxruntime-cpu.onnx")
     layers = portable["Softmax"]
-    assert layers == 2  # the tiny checkpoint's text layers
+    assert layers == 2  # the tiny checkpoint's layers per tower
     assert fused.get("com.microsoft:MultiHeadAttention") == layers
     assert "Softmax" not in fused
     assert not any(":" in op for op in portable)  # OpenVINO and TensorRT read every op
 
 
-def test_fusing_is_idempotent_and_leaves_unmasked_graphs_alone(tiny_bundle):
+def test_fusing_is_idempotent(tiny_bundle):
     onnx = pytest.importorskip("onnx", reason="rewrites a graph with onnx (the export extra)")
     from clipedge.export.fused_attention import fuse_attention
 
-    assert fuse_attention(onnx.load(str(tiny_bundle / CPU_FORM))) == 0
-    assert fuse_attention(onnx.load(str(tiny_bundle / "vision.onnx"))) == 0
+    for tower in ("text", "vision"):
+        model = onnx.load(str(tiny_bundle / f"{tower}.onnxruntime-cpu.onnx"))
+        assert fuse_attention(model) == 0
+
+
+def test_the_vision_cpu_form_equals_the_portable_graph(tiny_bundle):
+    size = ort.InferenceSession(str(tiny_bundle / "vision.onnx")).get_inputs()[0].shape[-1]
+    pixels = np.random.default_rng(0).standard_normal((3, 3, size, size)).astype(np.float32)
+    runs = [
+        ort.InferenceSession(str(tiny_bundle / name), providers=["CPUExecutionProvider"]).run(
+            None, {"pixel_values": pixels}
+        )[0]
+        for name in ("vision.onnx", "vision.onnxruntime-cpu.onnx")
+    ]
+    np.testing.assert_allclose(runs[1], runs[0], rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("lengths", [[5], [40, 7, 1], [700, 300], [1500, 2]])
