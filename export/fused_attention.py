@@ -1,15 +1,16 @@
-"""The text graph with attention fused for onnxruntime's CPU provider.
+"""A graph with its attention fused for onnxruntime's CPU provider.
 
-onnxruntime runs the exported attention (MatMul, Add mask, Softmax, MatMul) as written, so
-the scores of every head are materialised: [batch, heads, L, L] floats, 4.3 GB per layer (and
-as much again for the softmax) for one 8192-token text. Its contrib op
+onnxruntime runs the exported attention (MatMul, the text tower's mask Add, Softmax, MatMul)
+as written, so the scores of every head are materialised: [batch, heads, L, L] floats, 4.3 GB
+per layer (and as much again for the softmax) for one 8192-token text, 2.2 GB for 32 images
+of 1025 patches. Its contrib op
 `com.microsoft.MultiHeadAttention` has a CPU flash-attention kernel (MLAS, query and key
 blocks sized to the L2 cache) whose memory is linear in L, but only when no key padding
 mask or attention bias is given. The padding mask is therefore folded into the product: q
 gets one more component fixed at 1 and k one more holding the mask's bias (0 or -10000), so
 q'·k' = q·k + bias, the very sum the exported graph forms. The query scale is already in the
-weights (`scale=1`). No weight changes: the fused graph shares the fp32 graph's external
-data file.
+weights (`scale=1`). The vision tower's attention has no mask and is fused as it is. No
+weight changes: the fused graph reads the fp32 graph's external data file.
 
 Only onnxruntime reads com.microsoft ops: OpenVINO, TensorRT and onnxruntime's GPU
 providers keep the portable graph (the manifest's `file`); the CPU backend loads this one.
@@ -32,8 +33,8 @@ PAD, ONE, TO_3D = "fused_attention/pad", "fused_attention/one", "fused_attention
 @dataclass(frozen=True)
 class _Attention:
     """One exported attention: q, k, v [B, heads, L, head_dim], the mask bias [B, 1, 1, L]
-    (None: unmasked, as in the vision tower),
-    the context [B, L, heads*head_dim] it ends in, and the nodes it replaces."""
+    (None: unmasked, as in the vision tower), the context [B, L, heads*head_dim] it ends in,
+    and the nodes it replaces."""
 
     query: str
     key: str
