@@ -46,7 +46,7 @@ class Options:
         default=None,
         metadata=_help(
             "padded text tokens per model run: rows x the longest row (default: no limit; "
-            "clipedge serve: 16384); a longer text alone is refused"
+            "clipedge serve: 8192); a longer text alone is refused"
         ),
     )
     allow_urls: bool = field(default=False, metadata=_help("fetch http(s) image URLs"))

@@ -16,8 +16,10 @@ from clipedge.errors import OptionError
 from clipedge.options import Options, add_arguments, from_arguments
 
 ENV_PREFIX = "CLIPEDGE_"
-# The server's --max-batch-tokens when none is given (TEI's default): 32 texts of 512 tokens.
-SERVE_MAX_BATCH_TOKENS = 16384
+# The server's --max-batch-tokens when none is given, from the memory a padded token costs: on
+# the full-size text tower in onnxruntime (fused attention) ~170 kB, so ~1.4 GB per run of
+# 8192 tokens (docs/serve.md). TEI's GPU default, 16384, would be ~2.8 GB on a CPU server.
+SERVE_MAX_BATCH_TOKENS = 8192
 POSITIVE = (
     "max_batch_size",
     "max_queue",
