@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import requests
 
 from .serve import free_port, launch
@@ -61,7 +62,11 @@ def start_server(bundle: Path, extra: list[str]) -> tuple[subprocess.Popen, str]
     return launch(command, port, "the server")
 
 
-def good_load(base: str, clients: int, seconds: float) -> dict:
+def good_load(base: str, clients: int, seconds: float, reference: dict | None = None) -> dict:
+    """`clients` threads sending one short text or one small image per request; each vector
+    is compared with `reference` (kind -> the first vector seen, filled in when empty)."""
+    reference = {} if reference is None else reference
+    worst: dict[str, float] = {}
     image = small_png()
     latencies: list[float] = []
     by_kind: dict[str, list[float]] = {"text": [], "image": []}
@@ -76,14 +81,19 @@ def good_load(base: str, clients: int, seconds: float) -> dict:
             item = TEXT if (seed + n) % 2 else {"bytes": image}
             started = time.perf_counter()
             try:
-                code = session.post(f"{base}/v1/embeddings", json={"input": [item]}, timeout=30)
-                code = code.status_code
+                response = session.post(f"{base}/v1/embeddings", json={"input": [item]}, timeout=30)
+                code = response.status_code
             except requests.RequestException as exc:
                 code = type(exc).__name__
             with lock:
                 if code == 200:
                     latencies.append(time.perf_counter() - started)
-                    by_kind["text" if item is TEXT else "image"].append(latencies[-1])
+                    kind = "text" if item is TEXT else "image"
+                    by_kind[kind].append(latencies[-1])
+                    vector = np.asarray(response.json()["data"][0]["embedding"], np.float64)
+                    vector /= np.linalg.norm(vector)
+                    known = reference.setdefault(kind, vector)
+                    worst[kind] = min(worst.get(kind, 1.0), float(vector @ known))
                 else:
                     errors[str(code)] += 1
             n += 1
@@ -105,6 +115,7 @@ def good_load(base: str, clients: int, seconds: float) -> dict:
         else None,
         "requests": len(latencies),
         "errors": dict(errors),
+        "min_cosine_to_first": worst,
         "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
         "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))] if latencies else None,
     }
@@ -134,9 +145,10 @@ def attack(base: str, stall_url: str, kind: str) -> str:
         return type(exc).__name__
 
 
-def peak_rss_mb(pid: int) -> float:
+def status_mb(pid: int, key: str = "VmHWM") -> float:
+    """A /proc/PID/status memory field (peak RSS by default) in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -149,8 +161,10 @@ def run_hostile(bundle: Path, seconds: float, attackers: int, extra: list[str]) 
     process, base = start_server(bundle, extra)
     try:
         good_load(base, 4, 2)  # warm-up
-        quiet = good_load(base, 32, seconds)
-        rss_quiet = peak_rss_mb(process.pid)
+        rss_loaded = status_mb(process.pid, "VmRSS")  # the model's resident size, warm
+        reference: dict = {}
+        quiet = good_load(base, 32, seconds, reference)
+        rss_quiet = status_mb(process.pid)
         outcomes: Counter = Counter()
         stop = time.monotonic() + seconds
         kinds = ("long", "stall", "huge", "deep", "slow")
@@ -165,15 +179,16 @@ def run_hostile(bundle: Path, seconds: float, attackers: int, extra: list[str]) 
         threads = [threading.Thread(target=attacker, args=(i,)) for i in range(attackers)]
         for thread in threads:
             thread.start()
-        hostile = good_load(base, 32, seconds)
+        hostile = good_load(base, 32, seconds, reference)
         for thread in threads:
             thread.join()
         return {
             "quiet": quiet,
             "hostile": hostile,
             "attacks": dict(outcomes),
+            "rss_mb_loaded": rss_loaded,
             "peak_rss_mb_quiet": rss_quiet,
-            "peak_rss_mb": peak_rss_mb(process.pid),
+            "peak_rss_mb": status_mb(process.pid),
         }
     finally:
         process.terminate()
@@ -187,10 +202,12 @@ def print_hostile(results: dict) -> None:
         print(
             f"good clients, {name:7s}: {r['requests']} ok, errors {r['errors'] or 'none'}, "
             f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms (texts {r['p99_ms_text']:.0f}, "
-            f"images {r['p99_ms_image']:.0f})"
+            f"images {r['p99_ms_image']:.0f}); min cosine to the first vector "
+            + ", ".join(f"{k} {v:.6f}" for k, v in r["min_cosine_to_first"].items())
         )
     print("attacks:", ", ".join(f"{k} x{v}" for k, v in sorted(results["attacks"].items())))
     print(
-        f"server peak RSS: {results['peak_rss_mb_quiet']:.0f} MB before the attacks, "
+        f"server RSS: {results['rss_mb_loaded']:.0f} MB loaded and warm; peak "
+        f"{results['peak_rss_mb_quiet']:.0f} MB before the attacks, "
         f"{results['peak_rss_mb']:.0f} MB after"
     )
