@@ -48,24 +48,34 @@ def _peak_over(run) -> tuple[float, int, int]:
     return seconds, loaded, _status_bytes("VmHWM") - loaded
 
 
+def _long_text(model, size: int):
+    """One text of `size` tokens, after a warm-up."""
+    model.encode_text(["a warm-up text", "and another one"])
+    text = " ".join(f"word{i % 997}" for i in range(size * 2))  # over `size` tokens
+    return _peak_over(lambda: model.encode_text(text, max_length=size))
+
+
+def _image_batch(model, size: int):
+    """One batch of `size` photo-like images, after a warm-up."""
+    from .common import photo_like_pixels
+
+    rng = np.random.default_rng(0)
+    images = [photo_like_pixels(rng, 640, 480) for _ in range(size)]
+    model.encode_image(images[:1])
+    return _peak_over(lambda: model.encode_image(images, batch_size=size))
+
+
+WORKLOADS = {"text": _long_text, "vision": _image_batch}
+
+
 def child(bundle: str, backend: str, precision: str, tower: str, size: int) -> dict:
     """Runs in the child: load, warm up, then one text of `size` tokens or `size` images."""
     import clipedge
 
-    from .common import photo_like_pixels
-
     model = clipedge.load(
         bundle, backend=backend, precision=precision, verify_checksums=False, max_length=size
     )
-    if tower == "text":
-        model.encode_text(["a warm-up text", "and another one"])
-        text = " ".join(f"word{i % 997}" for i in range(size * 2))  # over `size` tokens
-        seconds, loaded, over = _peak_over(lambda: model.encode_text(text, max_length=size))
-    else:
-        rng = np.random.default_rng(0)
-        images = [photo_like_pixels(rng, 640, 480) for _ in range(size)]
-        model.encode_image(images[:1])
-        seconds, loaded, over = _peak_over(lambda: model.encode_image(images, batch_size=size))
+    seconds, loaded, over = WORKLOADS[tower](model, size)
     return {
         "backend": backend,
         "precision": precision,

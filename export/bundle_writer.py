@@ -51,7 +51,7 @@ def _tower_manifest(graph: ExportedGraph, cfg: ClipConfig) -> TowerManifest:
         size = cfg.vision.image_size
         inputs = [TensorSpec("pixel_values", "float32", ["batch", 3, size, size])]
         token_shape = ["batch", cfg.vision.grid_size**2 + 1, dim]
-        settings = VisionSettings(size, PREPROCESSOR_FILE)
+        settings = VisionSettings(size, PREPROCESSOR_FILE, tokens=cfg.vision.grid_size**2 + 1)
     spec = tower_spec(graph.tower)
     shape = ["batch", dim] if pooled else token_shape
     return TowerManifest(

@@ -73,13 +73,13 @@ class TensorStore:
 
 
 def _merged_linear(store: TensorStore, prefix: str, out_f: int, in_f: int, cfg: TextConfig):
-    """W_eff = W + B @ A * alpha/rank for a LoRA-parametrised nn.Linear."""
+    """W_eff = W + B @ A * alpha/rank for a LoRA-parametrised nn.Linear (see `_merge`)."""
     base = f"{prefix}.parametrizations.weight"
     weight = store.take(f"{base}.original", (out_f, in_f))
     lora_a = store.take(f"{base}.0.lora_A", (_adapters(store, base), cfg.lora_rank, in_f))
     lora_b = store.take(f"{base}.0.lora_B", (lora_a.shape[0], out_f, cfg.lora_rank))
     index = cfg.default_lora_index
-    return weight + (lora_b[index] @ lora_a[index]) * cfg.lora_scaling
+    return _merge(weight, lora_b[index], lora_a[index], cfg.lora_scaling)
 
 
 def _merged_embedding(store: TensorStore, prefix: str, num: int, dim: int, cfg: TextConfig):
@@ -89,7 +89,15 @@ def _merged_embedding(store: TensorStore, prefix: str, num: int, dim: int, cfg: 
     lora_a = store.take(f"{base}.0.lora_A", (_adapters(store, base), num, cfg.lora_rank))
     lora_b = store.take(f"{base}.0.lora_B", (lora_a.shape[0], cfg.lora_rank, dim))
     index = cfg.default_lora_index
-    return weight + (lora_a[index] @ lora_b[index]) * cfg.lora_scaling
+    return _merge(weight, lora_a[index], lora_b[index], cfg.lora_scaling)
+
+
+def _merge(weight, left, right, scaling: float):
+    """weight + left @ right * scaling, in float64 and rounded once: a float32 product's
+    summation order follows the CPU's GEMM kernel, so the exported weights (and the checked-in
+    fixture bundle) would differ by an ulp between machines."""
+    merged = weight.double() + (left.double() @ right.double()) * scaling
+    return merged.to(weight.dtype)
 
 
 def _adapters(store: TensorStore, base: str) -> int:

@@ -45,8 +45,8 @@ class Options:
     max_batch_tokens: int | None = field(
         default=None,
         metadata=_help(
-            "padded text tokens per model run: rows x the longest row (default: no limit; "
-            "clipedge serve: 8192); a longer text alone is refused"
+            "padded tokens per model run: rows x the longest row, an image its tokens in the "
+            "tower (default: no limit; clipedge serve: 8192); a longer text alone is refused"
         ),
     )
     allow_urls: bool = field(default=False, metadata=_help("fetch http(s) image URLs"))

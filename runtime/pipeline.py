@@ -100,13 +100,14 @@ def plan_batches(
     """`items` (indices into `rows`) grouped into batches in the tower's order: at most the
     engine's largest batch each and, with `max_batch_tokens`, at most that many padded
     tokens (rows x the batch's longest row; texts run longest first, so long texts get
-    small batches). A row longer than the budget runs alone (`over_limit` refuses it first)."""
+    small batches; an image counts the tokens it is inside the tower). A row over the budget
+    runs alone (`over_limit` refuses such a text first)."""
     size = limits.batch_size(check_batch_size(batch_size))
     chunks: list[list[int]] = []
     chunk: list[int] = []
     widest = 0
     for item in tower.batch_order(rows, items):
-        length = (tower.length(rows[item]) or 0) if max_batch_tokens else 0
+        length = (tower.tokens(rows[item]) or 0) if max_batch_tokens else 0
         width = max(widest, length)
         if chunk and (
             len(chunk) >= size or (max_batch_tokens and width * (len(chunk) + 1) > max_batch_tokens)

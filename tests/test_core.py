@@ -120,6 +120,23 @@ def test_max_batch_tokens_bounds_padded_tokens_without_changing_results(tiny_bun
     assert str(alone.errors[1]).startswith("item 1: 402 tokens exceed max_batch_tokens=300")
 
 
+def test_images_count_their_tower_tokens_against_max_batch_tokens(tiny_bundle):
+    """An image is grid^2 + 1 tokens inside the tower (17 for the tiny 64 px, 16 px patches;
+    1025 at full size): the budget bounds image batches too; one image over it still runs."""
+    manifest = read_manifest(tiny_bundle)
+    assert manifest.towers["vision"].settings.tokens == 17
+    images = [np.full((64, 64, 3), shade, np.uint8) for shade in range(0, 250, 25)]
+    plain = clipedge.load(tiny_bundle, backend="cpu")
+    budget = clipedge.load(tiny_bundle, backend="cpu", max_batch_tokens=3 * 17)
+    pipeline = budget.pipeline("vision")
+    rows = [pipeline.tower.prepare([image]).row(0) for image in images]
+    assert [len(chunk) for chunk in pipeline.plan(rows, range(10), 32)] == [3, 3, 3, 1]
+    np.testing.assert_allclose(budget.encode_image(images), plain.encode_image(images), atol=1e-6)
+    tight = clipedge.load(tiny_bundle, backend="cpu", max_batch_tokens=8)
+    assert [len(c) for c in tight.pipeline("vision").plan(rows, range(3), 32)] == [1, 1, 1]
+    assert tight.encode_image(images[:3]).shape == (3, 64)
+
+
 def test_nan_errors_name_the_lowest_item_and_count_the_rest(model):
     class Nan:
         provider = "nan"

@@ -134,10 +134,14 @@ class TextSettings:
 
 @dataclass(frozen=True)
 class VisionSettings:
-    """The vision tower's pre-processing: its config file and the square input size."""
+    """The vision tower's pre-processing: its config file and the square input size, and the
+    tokens an image is inside the tower (patches + the class token), what it counts against
+    a token budget (None in bundles exported before it was recorded: images count by number
+    only)."""
 
     image_size: int
     preprocessor: str
+    tokens: int | None = None
 
 
 SETTINGS = {"text": TextSettings, "vision": VisionSettings}
@@ -168,7 +172,13 @@ class TowerManifest:
             inputs=[TensorSpec.from_dict(t) for t in data["inputs"]],
             outputs=[TensorSpec.from_dict(t) for t in data["outputs"]],
             pooling=data["pooling"],
-            settings=settings(**{f.name: data["settings"][f.name] for f in fields(settings)}),
+            settings=settings(
+                **{
+                    f.name: data["settings"][f.name]
+                    for f in fields(settings)
+                    if f.name in data["settings"]
+                }
+            ),
             tensorrt_engines=list(data.get("tensorrt_engines", [])),
             tensorrt_ep_context=list(data.get("tensorrt_ep_context", [])),
         )

@@ -100,6 +100,10 @@ class Tower(Protocol):
     def length(self, row: Any) -> int | None:
         """Tokens in a row (None where length is not a thing: images)."""
 
+    def tokens(self, row: Any) -> int | None:
+        """What a row counts against `max_batch_tokens`: a text its length, an image the
+        tokens it is inside the tower (None: not recorded, rows count by number only)."""
+
     def batch_order(self, rows: Sequence[Any], items: Sequence[int]) -> list[int]: ...
 
     def close(self) -> None: ...

@@ -170,6 +170,8 @@ class TextTower:
     def length(self, row: Sequence[int]) -> int:
         return len(row)
 
+    tokens = length
+
     def batch_order(self, rows: Sequence[Any], items: Sequence[int]) -> list[int]:
         """Longest first (ties in input order), as the official `encode_text` sorts, so a
         batch pads little."""

@@ -58,6 +58,7 @@ class VisionTower:
                 f"{settings.image_size}"
             )
         self.pooling = entry.pooling
+        self.image_tokens = settings.tokens
         self.load = functools.partial(load_image, options=options)
         self._workers = options.preprocess_workers or os.cpu_count() or 1
         self._executor: ThreadPoolExecutor | None = None
@@ -111,6 +112,9 @@ class VisionTower:
 
     def length(self, row: np.ndarray) -> None:
         return None
+
+    def tokens(self, row: np.ndarray) -> int | None:
+        return self.image_tokens
 
     def batch_order(self, rows: Sequence[Any], items: Sequence[int]) -> list[int]:
         return list(items)
