@@ -7,7 +7,9 @@ warm-up), and seconds. Each (backend, precision) runs in its own child process
 (`clipedge.load(...).encode_text` / `encode_image`), one at a time. `--portable` adds, for
 onnxruntime's CPU fp32, the same bundle without its onnxruntime CPU forms (a hard-linked
 copy whose manifest drops `onnxruntime_cpu_file`): the exported attention as written, which
-materialises [batch, heads, L, L] scores per layer.
+materialises [batch, heads, L, L] scores per layer. `--planner-reuse` adds, for each
+onnxruntime CPU run, the same run with the allocation planner's buffer reuse on (as every
+onnxruntime run was before it was turned off).
 
     python -m benchmarks.attention --bundle /tmp/clipedge-bench/bundle --portable \\
         --out /tmp/clipedge-bench/attention.json
@@ -68,12 +70,18 @@ def _image_batch(model, size: int):
 WORKLOADS = {"text": _long_text, "vision": _image_batch}
 
 
-def child(bundle: str, backend: str, precision: str, tower: str, size: int) -> dict:
+def child(bundle: str, backend: str, precision: str, tower: str, size: int, reuse: bool) -> dict:
     """Runs in the child: load, warm up, then one text of `size` tokens or `size` images."""
     import clipedge
+    from clipedge.engine.onnxruntime_backend import OnnxruntimeOptions
 
     model = clipedge.load(
-        bundle, backend=backend, precision=precision, verify_checksums=False, max_length=size
+        bundle,
+        backend=backend,
+        precision=precision,
+        verify_checksums=False,
+        max_length=size,
+        backend_options=OnnxruntimeOptions(memory_reuse=True) if reuse else None,
     )
     seconds, loaded, over = WORKLOADS[tower](model, size)
     return {
@@ -103,8 +111,10 @@ def portable_copy(bundle: Path, into: Path) -> Path:
     return copy
 
 
-def measure(bundle: Path, backend: str, precision: str, tower: str, size: int, label: str) -> dict:
-    args = ["--child", str(bundle), backend, precision, tower, str(size)]
+def measure(
+    bundle: Path, backend: str, precision: str, tower: str, size: int, label: str, reuse: bool
+) -> dict:
+    args = ["--child", str(bundle), backend, precision, tower, str(size), str(int(reuse))]
     done = run_module("benchmarks.attention", args)
     row = {"label": label, "backend": backend, "precision": precision, "tower": tower}
     if done.returncode != 0:
@@ -119,14 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=8192, help="of the one text (0: none)")
     parser.add_argument("--images", type=int, default=32, help="in the one batch (0: none)")
     parser.add_argument("--portable", action="store_true", help="also the unfused attention")
+    parser.add_argument(
+        "--planner-reuse", action="store_true", help="also onnxruntime with buffer reuse on"
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument(
-        "--child", nargs=5, metavar=("BUNDLE", "BACKEND", "PRECISION", "TOWER", "N")
+        "--child", nargs=6, metavar=("BUNDLE", "BACKEND", "PRECISION", "TOWER", "N", "REUSE")
     )
     args = parser.parse_args(argv)
     if args.child:
-        *where, size = args.child
-        print(json.dumps(child(*where, int(size))))
+        *where, size, reuse = args.child
+        print(json.dumps(child(*where, int(size), reuse == "1")))
         return 0
     import clipedge
     from clipedge.bundle.manifest import read_manifest
@@ -137,8 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
 
     def run(bundle: Path, backend: str, precision: str, tower: str, label: str) -> None:
-        rows.append(measure(bundle, backend, precision, tower, sizes[tower], label))
-        print(json.dumps(rows[-1]), file=sys.stderr)
+        reuses = (False, True) if args.planner_reuse and backend == "cpu" else (False,)
+        for reuse in reuses:
+            name = label + (", planner reuse on" if reuse else "")
+            rows.append(measure(bundle, backend, precision, tower, sizes[tower], name, reuse))
+            print(json.dumps(rows[-1]), file=sys.stderr)
 
     with tempfile.TemporaryDirectory() as scratch:
         for bundle in args.bundle:

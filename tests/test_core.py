@@ -13,6 +13,7 @@ import pytest
 
 import clipedge
 from clipedge.bundle.manifest import MANIFEST_NAME, read_manifest
+from clipedge.engine.onnxruntime_backend import OnnxruntimeOptions
 from clipedge.engine.session import EngineLimits
 from clipedge.errors import (
     BackendError,
@@ -425,3 +426,16 @@ def test_the_text_session_returns_memory_after_a_long_text(tiny_bundle):
     session = model.session("text")._session
     assert session.get_session_options().enable_cpu_mem_arena is False
     assert model.session("vision")._session.get_session_options().enable_cpu_mem_arena is True
+
+
+def test_cpu_sessions_plan_without_buffer_reuse(tiny_bundle):
+    """onnxruntime's planner, reusing a freed buffer for a later tensor, kept buffers alive
+    past their last use: one full-size 8192-token text +1.29 GB with it, +0.41 GB without
+    (docs/benchmarks.md). Both CPU towers run without it unless asked."""
+    model = clipedge.load(tiny_bundle, backend="cpu")
+    for tower in ("text", "vision"):
+        assert model.session(tower)._session.get_session_options().enable_mem_reuse is False
+    asked = clipedge.load(
+        tiny_bundle, backend="cpu", backend_options=OnnxruntimeOptions(memory_reuse=True)
+    )
+    assert asked.session("text")._session.get_session_options().enable_mem_reuse is True
