@@ -4,11 +4,15 @@ writes, shard for shard."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 
 import pytest
 
 pq = pytest.importorskip("pyarrow.parquet", reason="the batch tool needs the batch extra")
 ray = pytest.importorskip("ray", reason="the Ray path needs the ray extra")
+psutil = pytest.importorskip("psutil", reason="the ray extra installs it")
 
 from clipedge.embed.job import EmbedJob, embed  # noqa: E402
 from clipedge.embed.ray_data import embed_with_ray  # noqa: E402
@@ -82,3 +86,56 @@ def test_ray_resumes_keeps_columns_and_writes_error_rows(local_ray, tiny_bundle,
     result = EmbedBatch(job)(block)
     assert result.schema.field("embedding").type == pa.list_(pa.float32(), 64)
     assert result["embedding"].null_count == 1 and result["error"].null_count == 9
+
+
+def _ray_embed(bundle, source, out) -> subprocess.Popen:
+    command = [sys.executable, "-m", "clipedge.cli", "embed", str(bundle), "--ray"]
+    command += ["--texts", str(source), "-o", str(out)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_a_sigkilled_ray_run_leaves_no_process(tiny_bundle, tmp_path):
+    """Its own local Ray instance ends with it: Ray's agents outlived a SIGKILL before."""
+    source = tmp_path / "texts.txt"
+    source.write_text("".join(f"text number {i}\n" for i in range(400_000)))
+    process = _ray_embed(tiny_bundle, source, tmp_path / "out")
+    parent = psutil.Process(process.pid)
+    deadline = time.monotonic() + 120
+    while not any("MapWorker" in _command(p) for p in _alive(parent)):
+        assert process.poll() is None and time.monotonic() < deadline, "no Ray actor started"
+        time.sleep(0.2)
+    time.sleep(1.0)  # the agents and the actor are up
+    started = _alive(parent)
+    assert len(started) >= 4, started
+    process.kill()
+    process.wait()
+    gone, alive = psutil.wait_procs(started, timeout=2.0)
+    assert not alive, f"left running after a SIGKILL: {[_command(p) for p in alive]}"
+
+
+def test_a_finished_ray_run_leaves_no_process(tiny_bundle, tmp_path):
+    source = tmp_path / "texts.txt"
+    source.write_text("".join(f"text number {i}\n" for i in range(50)))
+    process = _ray_embed(tiny_bundle, source, tmp_path / "out")
+    parent = psutil.Process(process.pid)
+    seen: set[psutil.Process] = set()
+    while process.poll() is None:
+        seen |= set(_alive(parent))
+        time.sleep(0.2)
+    assert process.returncode == 0 and len(pq.read_table(tmp_path / "out")) == 50
+    gone, alive = psutil.wait_procs(list(seen), timeout=2.0)
+    assert not alive, f"left running after the run: {[_command(p) for p in alive]}"
+
+
+def _alive(parent: psutil.Process) -> list[psutil.Process]:
+    try:
+        return parent.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _command(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # ended (or a zombie) meanwhile
+        return ""

@@ -17,6 +17,7 @@ resume alike, locally or on Ray. Needs the `ray` extra.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -30,6 +31,7 @@ from clipedge.inputs.sources import Record
 
 from . import shards
 from .job import Embedder, EmbedError, EmbedJob, EmbedSummary, Runner
+from .reaper import reaping
 
 ITEM_COLUMNS = ("item", "item_bytes", "source_error")
 # Rows per actor call: enough to keep Ray's per-call cost small beside the model's work
@@ -112,8 +114,18 @@ class RayRunner(Runner):
     def _embed_all(self, done: set[int], summary: EmbedSummary, bar) -> None:
         import ray
 
-        if not ray.is_initialized():
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+        own = not ray.is_initialized()
+        # a local instance started here is this process's to end, even if it is killed
+        with reaping() if own and self.address is None else contextlib.nullcontext():
+            if own:
+                ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+            try:
+                self._stream(ray, done, summary, bar)
+            finally:
+                if own:
+                    ray.shutdown()
+
+    def _stream(self, ray, done: set[int], summary: EmbedSummary, bar) -> None:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the run's own bar counts rows
         expected: dict[int, int] = {}
