@@ -16,9 +16,9 @@ from clipedge.errors import OptionError
 from clipedge.options import Options, add_arguments, from_arguments
 
 ENV_PREFIX = "CLIPEDGE_"
-# The server's --max-batch-tokens when none is given, from the memory a padded token costs: on
-# the full-size text tower in onnxruntime (fused attention) ~170 kB, so ~1.4 GB per run of
-# 8192 tokens (docs/serve.md). TEI's GPU default, 16384, would be ~2.8 GB on a CPU server.
+# The server's --max-batch-tokens when none is given, from the memory a padded token costs (on
+# the full-size text tower on a CPU ~56 kB, so ~0.5 GB per run of 8192 tokens) and the wait of
+# a short text behind one run (docs/serve.md). TEI's GPU default, 16384, doubles both.
 SERVE_MAX_BATCH_TOKENS = 8192
 POSITIVE = (
     "max_batch_size",
