@@ -26,7 +26,7 @@ from pathlib import Path
 import requests
 
 from .charts import add_output_arguments, run_or_render
-from .common import markdown_table, median_ms
+from .common import markdown_table, median_ms, write_json
 from .machine import machine_info
 
 TEXT = "a photo of a cat sitting on a red sofa"
@@ -191,14 +191,33 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--hostile", action="store_true", help="good clients under attack")
     parser.add_argument("--attackers", type=int, default=6)
+    parser.add_argument(
+        "--image-every", type=int, default=2, help="--hostile: one good request in N an image"
+    )
+    parser.add_argument(
+        "--client-timeout", type=float, default=30, help="--hostile: seconds per request"
+    )
     parser.add_argument("--server-args", default="", help="extra clipedge serve flags")
     add_output_arguments(parser)
     args = parser.parse_args()
     if args.hostile:
-        from .serve_hostile import print_hostile, run_hostile
+        from .serve_hostile import Hostile, print_hostile, run_hostile
 
-        extra = args.server_args.split()
-        print_hostile(run_hostile(args.bundle, args.seconds, args.attackers, extra))
+        setup = Hostile(
+            args.seconds,
+            args.attackers,
+            args.image_every,
+            args.client_timeout,
+            ["--precision", args.precision] * bool(args.precision) + args.server_args.split(),
+        )
+        results = {
+            "machine": machine_info(),
+            "setup": setup.__dict__,
+            **run_hostile(args.bundle, setup),
+        }
+        if args.out:
+            write_json(args.out, results)
+        print_hostile(results)
         return
     run_or_render(args, run, print_table, render_charts)
 

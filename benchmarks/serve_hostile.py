@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,22 @@ def start_server(bundle: Path, extra: list[str]) -> tuple[subprocess.Popen, str]
     return launch(command, port, "the server")
 
 
-def good_load(base: str, clients: int, seconds: float, reference: dict | None = None) -> dict:
+@dataclass
+class Hostile:
+    """The run: `seconds` alone then as long under attack, `attackers` threads, one good
+    request in `image_every` an image (a full-size image costs ~30 short texts on a CPU),
+    `timeout` seconds per good request, `server_args` for `clipedge serve`."""
+
+    seconds: float
+    attackers: int
+    image_every: int = 2
+    timeout: float = 30
+    server_args: list[str] = field(default_factory=list)
+
+
+def good_load(
+    base: str, seconds: float, setup: Hostile, reference: dict | None = None, clients: int = 32
+) -> dict:
     """`clients` threads sending one short text or one small image per request; each vector
     is compared with `reference` (kind -> the first vector seen, filled in when empty)."""
     reference = {} if reference is None else reference
@@ -78,10 +94,12 @@ def good_load(base: str, clients: int, seconds: float, reference: dict | None = 
         session = requests.Session()
         n = 0
         while time.monotonic() < stop:
-            item = TEXT if (seed + n) % 2 else {"bytes": image}
+            item = {"bytes": image} if (seed + n) % setup.image_every == 0 else TEXT
             started = time.perf_counter()
             try:
-                response = session.post(f"{base}/v1/embeddings", json={"input": [item]}, timeout=30)
+                response = session.post(
+                    f"{base}/v1/embeddings", json={"input": [item]}, timeout=setup.timeout
+                )
                 code = response.status_code
             except requests.RequestException as exc:
                 code = type(exc).__name__
@@ -153,20 +171,20 @@ def status_mb(pid: int, key: str = "VmHWM") -> float:
     return float("nan")
 
 
-def run_hostile(bundle: Path, seconds: float, attackers: int, extra: list[str]) -> dict:
+def run_hostile(bundle: Path, setup: Hostile) -> dict:
     stall = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
     stall.daemon_threads = True
     threading.Thread(target=stall.serve_forever, daemon=True).start()
     stall_url = f"http://127.0.0.1:{stall.server_address[1]}"
-    process, base = start_server(bundle, extra)
+    process, base = start_server(bundle, setup.server_args)
     try:
-        good_load(base, 4, 2)  # warm-up
+        good_load(base, 2, setup, clients=4)  # warm-up
         rss_loaded = status_mb(process.pid, "VmRSS")  # the model's resident size, warm
         reference: dict = {}
-        quiet = good_load(base, 32, seconds, reference)
+        quiet = good_load(base, setup.seconds, setup, reference)
         rss_quiet = status_mb(process.pid)
         outcomes: Counter = Counter()
-        stop = time.monotonic() + seconds
+        stop = time.monotonic() + setup.seconds
         kinds = ("long", "stall", "huge", "deep", "slow")
 
         def attacker(seed: int) -> None:
@@ -176,10 +194,10 @@ def run_hostile(bundle: Path, seconds: float, attackers: int, extra: list[str]) 
                 outcomes[f"{kind}: {attack(base, stall_url, kind)}"] += 1
                 n += 1
 
-        threads = [threading.Thread(target=attacker, args=(i,)) for i in range(attackers)]
+        threads = [threading.Thread(target=attacker, args=(i,)) for i in range(setup.attackers)]
         for thread in threads:
             thread.start()
-        hostile = good_load(base, 32, seconds, reference)
+        hostile = good_load(base, setup.seconds, setup, reference)
         for thread in threads:
             thread.join()
         return {
