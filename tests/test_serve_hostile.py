@@ -278,3 +278,28 @@ def test_long_texts_keep_moving_under_a_stream_of_short_ones(model):  # noqa: F8
     assert all(f.done() for f in long) and time.monotonic() - started < 2.0
     batcher.close()
     assert all(f.result(5)[0] == 7 for f in shorts)
+
+
+def test_a_client_that_leaves_costs_no_more_work(tiny_bundle, images):  # noqa: F811
+    """A caller that gave up (closed the connection) has its request cancelled at once: its
+    stalled fetch stops and its queued items are dropped, instead of running to the deadline."""
+    settings = ServeSettings(
+        str(tiny_bundle),
+        port=free_port(),
+        request_timeout=20,
+        options=Options(allow_urls=True, allow_private_urls=True, url_timeout=15.0),
+    )
+    for base, service in serve(settings):
+        body = json.dumps({"input": [{"url": f"{images}/slow.jpg"}]}).encode()  # trickles 20 s
+        head = "POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        with socket.create_connection(("127.0.0.1", settings.port), timeout=5) as sock:
+            sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            deadline = time.monotonic() + 5
+            while service.active == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert service.active == 1
+        left = time.monotonic()
+        while service.active and time.monotonic() - left < 5:
+            time.sleep(0.02)
+        assert service.active == 0 and time.monotonic() - left < 1.0
+        assert embed(base, {"input": ["still serving"]}).status_code == 200

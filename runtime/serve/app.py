@@ -18,7 +18,7 @@ from clipedge.errors import ClipEdgeError
 
 from . import schema
 from .access_log import AccessLog
-from .body import check_key, read_json
+from .body import check_key, read_json, unless_disconnected
 from .errors import ApiError, api_error
 from .metrics import Metrics
 from .requests import parse_request
@@ -131,7 +131,7 @@ def create_app(settings: ServeSettings, model: clipedge.ClipEdgeModel | None = N
             parsed = parse_request(
                 body, settings, model.manifest.embed_dim, model.manifest.task_instructions
             )
-            return JSONResponse(await service.embed(parsed, deadline))
+            return JSONResponse(await unless_disconnected(request, service.embed(parsed, deadline)))
         finally:
             service.active -= 1
 

@@ -1,17 +1,21 @@
-"""Reading a request: the API key, and the JSON body within a size cap and the deadline."""
+"""Reading a request: the API key, the JSON body within a size cap and the deadline, and
+whether the client is still there."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from .errors import ApiError
 
 # Bodies at least this large are parsed off the event loop.
 LARGE_BODY = 1 << 20
+T = TypeVar("T")
 
 
 def check_key(headers: Any, key: str | None) -> None:
@@ -60,3 +64,30 @@ def parse_json(data: bytes) -> Any:
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
     except RecursionError:  # the C parser stops at the interpreter's recursion limit
         raise ApiError(400, "the request body is nested too deeply", code="too_deep") from None
+
+
+async def unless_disconnected(request: Any, work: Awaitable[T]) -> T:
+    """`work`'s result, or 499 once the client has closed the connection first: `work` is
+    cancelled then, so a client that gave up (a timed-out caller, an attacker) costs no more
+    preparation or model time (its queued items are dropped)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler cancelled (shutdown): so is the work
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ApiError(499, "the client closed the connection", code="client_closed")
+    return task.result()
+
+
+async def _disconnected(request: Any) -> None:
+    """Returns when the client has gone (the body is read: the next message says so)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

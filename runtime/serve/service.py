@@ -99,8 +99,9 @@ class Service:
     # ----- one request -----------------------------------------------------------------
 
     async def embed(self, request: EmbeddingRequest, deadline: float) -> dict[str, Any]:
-        """Prepare, queue and wait under one deadline (504 when it passes; the request's
-        preparation stops and its queued items are dropped, the batcher skips them)."""
+        """Prepare, queue and wait under one deadline (504 when it passes). However the wait
+        ends (the deadline, or the client gone and this coroutine cancelled), the request's
+        preparation stops and its queued items are dropped: the batcher skips them."""
         futures: list = []
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
@@ -109,13 +110,14 @@ class Service:
                 waits = (asyncio.wrap_future(f) for f in futures)
                 results = await asyncio.gather(*waits, return_exceptions=True)
         except TimeoutError:
-            for future in futures:
-                future.cancel()
             raise ApiError(
                 504,
                 f"the request took longer than {self.settings.request_timeout} s",
                 code="timeout",
             ) from None
+        finally:
+            for future in futures:
+                future.cancel()  # a no-op for the items that ran
         for index, result in enumerate(results):
             if isinstance(result, ClipEdgeError):
                 raise api_error(result, index)
