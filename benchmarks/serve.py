@@ -197,6 +197,9 @@ def main() -> None:
     parser.add_argument(
         "--client-timeout", type=float, default=30, help="--hostile: seconds per request"
     )
+    parser.add_argument(
+        "--think", type=float, default=0.0, help="--hostile: seconds between a client's requests"
+    )
     parser.add_argument("--server-args", default="", help="extra clipedge serve flags")
     add_output_arguments(parser)
     args = parser.parse_args()
@@ -208,6 +211,7 @@ def main() -> None:
             args.attackers,
             args.image_every,
             args.client_timeout,
+            args.think,
             ["--precision", args.precision] * bool(args.precision) + args.server_args.split(),
         )
         results = {

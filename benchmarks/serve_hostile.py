@@ -67,12 +67,15 @@ def start_server(bundle: Path, extra: list[str]) -> tuple[subprocess.Popen, str]
 class Hostile:
     """The run: `seconds` alone then as long under attack, `attackers` threads, one good
     request in `image_every` an image (a full-size image costs ~30 short texts on a CPU),
-    `timeout` seconds per good request, `server_args` for `clipedge serve`."""
+    `timeout` seconds per good request, `think` seconds a good client waits between its
+    requests (0: a closed loop, which on a small CPU measures the queue the clients build
+    themselves), `server_args` for `clipedge serve`."""
 
     seconds: float
     attackers: int
     image_every: int = 2
     timeout: float = 30
+    think: float = 0.0
     server_args: list[str] = field(default_factory=list)
 
 
@@ -115,6 +118,7 @@ def good_load(
                 else:
                     errors[str(code)] += 1
             n += 1
+            time.sleep(setup.think)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for thread in threads:

@@ -100,17 +100,25 @@ def quantize_cpu(
     excluded = list(exclude_nodes)
     external = needs_external_data(graph_bytes(src))
     if mode == "dynamic":
-        quantize_dynamic(
-            src,
-            dst,
-            op_types_to_quantize=["MatMul", "Gather"],
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            reduce_range=REDUCE_RANGE,
-            nodes_to_exclude=excluded,
-            use_external_data_format=external,
-            extra_options={"MatMulConstBOnly": True},
-        )
+        # Two passes, the MatMuls then the Gather, give the same graph (outputs equal bit for
+        # bit) at a lower peak: quantising the 1 GB word-embedding table takes ~5 GB of
+        # transients, so in one pass with every fp32 weight loaded the full-size text tower
+        # peaked at 8.7 GB, in two at 6.7 / 7.0 GB (docs/benchmarks.md, "Calibration memory").
+        matmuls = dst.with_name(dst.stem + ".matmuls.onnx")
+        for ops, source, target in ((["MatMul"], src, matmuls), (["Gather"], matmuls, dst)):
+            quantize_dynamic(
+                source,
+                target,
+                op_types_to_quantize=ops,
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                reduce_range=REDUCE_RANGE,
+                nodes_to_exclude=excluded,
+                use_external_data_format=external,
+                extra_options={"MatMulConstBOnly": True},
+            )
+        for leftover in (matmuls, matmuls.with_name(matmuls.name + ".data")):
+            leftover.unlink(missing_ok=True)
         return dst
     if not feeds:
         raise ValueError(f"mode {mode!r} needs calibration feeds")

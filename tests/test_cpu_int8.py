@@ -204,6 +204,8 @@ def test_large_graphs_keep_weights_external(tiny_bundle, tmp_path, monkeypatch):
     dst = quantize_cpu(tiny_bundle / "text.onnx", tmp_path / "text.onnx", "dynamic")
     assert (tmp_path / "text.onnx.data").stat().st_size > dst.stat().st_size
     ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    # the two passes (MatMuls, then the Gather) leave only the graph and its weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text.onnx", "text.onnx.data"]
 
 
 def test_quantising_keeps_onnxruntime_preprocessing_advice_out_of_the_log(
