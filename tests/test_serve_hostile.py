@@ -303,3 +303,5 @@ def test_a_client_that_leaves_costs_no_more_work(tiny_bundle, images):  # noqa: 
             time.sleep(0.02)
         assert service.active == 0 and time.monotonic() - left < 1.0
         assert embed(base, {"input": ["still serving"]}).status_code == 200
+        metrics = requests.get(f"{base}/metrics", timeout=5).text
+        assert 'code="499"' in metrics
