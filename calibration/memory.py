@@ -141,6 +141,10 @@ def stage(name: str) -> Iterator[None]:
 BASE_BYTES = 0.6e9  # Python, onnxruntime, OpenVINO, NNCF, the feeds
 STATISTICS_BYTES_PER_TOKEN = 3.2e6
 COMPILED_PER_FP32_BYTE = 1.4  # the fp32 graph compiled for the statistics (and what is read)
+# onnxruntime's dynamic quantiser (int8-cpu) holds every fp32 weight and makes float
+# transients of the table it is quantising: the full-size conversion peaked at 3.4x the fp32
+# graph (vision 4.2 GB for 1.22 GB; text 8.1 GB for 2.24 GB in two passes, 9.0 GB in one).
+CPU_INT8_PER_FP32_BYTE = 3.4
 DEFAULT_BUDGET_GB = 10.0
 MARGIN_BYTES = 1.0e9
 
@@ -191,6 +195,15 @@ def check_budget(row_tokens: dict[str, tuple[int, int]], precisions, max_memory_
             raise OptionError(
                 f"--max-memory {max_memory_gb:g} GB cannot be met: the {tower} tower's fp32 "
                 f"graph ({fp32_bytes / GB:.1f} GB) alone needs ~{floor / GB:.1f} GB to run"
+            )
+        converting = BASE_BYTES + CPU_INT8_PER_FP32_BYTE * fp32_bytes
+        over = max_memory_gb is not None and converting > max_memory_gb * GB
+        if "int8-cpu" in precisions and over:
+            raise OptionError(
+                f"--max-memory {max_memory_gb:g} GB cannot be met: onnxruntime's int8-cpu "
+                f"conversion of the {tower} graph ({fp32_bytes / GB:.1f} GB) needs "
+                f"~{converting / GB:.1f} GB; give at least {math.ceil(converting / GB)} GB "
+                "or leave int8-cpu out"
             )
         if "int8-ov" not in precisions:
             continue
