@@ -160,10 +160,20 @@ class Pipeline:
     ) -> Iterator[TowerBatch]:
         return batches(self.tower, rows, items, batch_size, self.limits, self.max_batch_tokens)
 
-    def plan(self, rows: Sequence[Any], items: Sequence[int], batch_size: int) -> list[list[int]]:
-        """How `run_rows` would group `items` into batches (a server's batcher runs them)."""
-        limits = self.limits
-        return plan_batches(self.tower, rows, items, batch_size, limits, self.max_batch_tokens)
+    def plan(
+        self,
+        rows: Sequence[Any],
+        items: Sequence[int],
+        batch_size: int,
+        max_batch_tokens: int | None = None,
+    ) -> list[list[int]]:
+        """How `run_rows` would group `items` into batches (a server's batcher runs them);
+        `max_batch_tokens` tightens the pipeline's own budget for this plan (never loosens
+        it; a row over it runs alone rather than being refused)."""
+        budget = self.max_batch_tokens
+        if max_batch_tokens is not None:
+            budget = max_batch_tokens if budget is None else min(budget, max_batch_tokens)
+        return plan_batches(self.tower, rows, items, batch_size, self.limits, budget)
 
     def over_limit(self, row: Any, index: int) -> EngineLimitError | None:
         """The error of a row the engine cannot take (None when it fits)."""

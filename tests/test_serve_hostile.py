@@ -14,15 +14,26 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 requests = pytest.importorskip("requests")
 pytest.importorskip("fastapi", reason="the server needs the serve extra")
 import uvicorn  # noqa: E402
 from PIL import Image  # noqa: E402
-from test_serve import PNG, embed, fake_pipeline, free_port, images, model, wait_ready  # noqa: E402,F401
+from test_serve import (  # noqa: E402
+    PNG,
+    FakeSession,
+    embed,
+    fake_pipeline,
+    free_port,
+    images,  # noqa: F401
+    model,  # noqa: F401
+    wait_ready,
+)
 
 from clipedge.options import Options  # noqa: E402
+from clipedge.pipeline import Pipeline  # noqa: E402
 from clipedge.serve.app import create_app  # noqa: E402
 from clipedge.serve.batcher import TowerBatcher  # noqa: E402
 from clipedge.serve.protocol import uvicorn_config  # noqa: E402
@@ -305,3 +316,40 @@ def test_a_client_that_leaves_costs_no_more_work(tiny_bundle, images):  # noqa: 
         assert embed(base, {"input": ["still serving"]}).status_code == 200
         metrics = requests.get(f"{base}/metrics", timeout=5).text
         assert 'code="499"' in metrics
+
+
+class PerTokenSession(FakeSession):
+    """Sleeps in proportion to the padded tokens of each run, as a CPU does."""
+
+    def __init__(self, seconds_per_token: float) -> None:
+        super().__init__()
+        self.seconds_per_token = seconds_per_token
+        self.shapes: list[tuple[int, int]] = []
+
+    def run(self, feeds):
+        ids = feeds["input_ids"]
+        self.shapes.append(ids.shape)
+        time.sleep(ids.size * self.seconds_per_token)
+        return ids[:, :1].astype(np.float32)
+
+
+def test_runs_are_cut_to_the_time_budget_so_short_texts_wait_little(model):  # noqa: F811
+    """A run cannot be interrupted: with runs of 8 long texts (8 x 300 tokens, 1.2 s) a short
+    text waits up to 1.2 s; with --max-batch-seconds 0.35 the batcher learns the time per token
+    and runs them in twos (0.3 s), while short texts still batch together."""
+    session = PerTokenSession(0.0005)
+    pipeline = Pipeline(model.tower("text"), session, embed_dim=1)
+    batcher = TowerBatcher(pipeline, 32, 0.0, 256, max_batch_seconds=0.35)
+    batcher.submit([[5] * 300] * 8)[-1].result(10)  # the first run measures
+    long = batcher.submit([[5] * 300] * 8)
+    time.sleep(0.05)
+    started = time.monotonic()
+    assert batcher.submit([[7] * 4])[0].result(10)[0] == 7
+    waited = time.monotonic() - started
+    [f.result(10) for f in long]
+    shorts = batcher.submit([[7] * 4] * 32)
+    [f.result(10) for f in shorts]
+    batcher.close()
+    assert waited < 0.6, waited
+    assert max(rows for rows, width in session.shapes[1:] if width == 300) == 2
+    assert session.shapes[-1] == (32, 4)  # 128 tokens: short texts are not cut

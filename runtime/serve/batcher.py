@@ -5,10 +5,12 @@ takes what is queued, up to `max_batch` items, waiting at most `max_wait` for mo
 first (default 0: nothing waits when the model is idle, and under load the requests that
 arrive while a batch runs form the next one); rows are run in the tower's order in chunks
 so a batch pads little, each within `max_batch` items and the pipeline's padded-token budget
-(`max_batch_tokens`: long texts run in small batches). Each chunk goes through the model's
-one `Pipeline` (engine limits, retry item by item), so one bad item fails only its own
-request. Results are the pooled,
-checked, not yet truncated vectors: each request truncates and normalises its own.
+(`max_batch_tokens`: long texts run in small batches), tightened by a time budget
+(`max_batch_seconds`, from the measured seconds per padded token) so that one run, which
+cannot be interrupted, keeps a short request waiting for about that long at most. Each chunk
+goes through the model's one `Pipeline` (engine limits, retry item by item), so one bad item
+fails only its own request. Results are the pooled, checked, not yet truncated vectors: each
+request truncates and normalises its own.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from clipedge.pipeline import RAW, Pipeline
 
 # A taken item that has waited this long runs in the next batch, short items or not.
 MAX_AGE_S = 1.0
+# The time budget never cuts batches below this many padded tokens (32 short texts), and
+# learns the time per token from runs at least this large (smaller ones are mostly overhead).
+MIN_TIMED_TOKENS = 256
 
 
 class QueueFull(Exception):
@@ -49,12 +54,15 @@ class TowerBatcher:
         max_wait_s: float,
         max_queue: int,
         observe: Callable[[str, int, float, float], None] = lambda *a: None,
+        max_batch_seconds: float | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.tower = pipeline.tower.spec.name
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
+        self.max_batch_seconds = max_batch_seconds
+        self.seconds_per_token: float | None = None  # measured on runs of MIN_TIMED_TOKENS+
         self._observe = observe  # (tower, batch size, oldest queue wait, inference seconds)
         self._queue: queue.Queue[Work | None] = queue.Queue()
         self._admit = threading.Lock()
@@ -136,12 +144,22 @@ class TowerBatcher:
         (a short request waits for one batch, not every long text queued before it); while
         items have waited over MAX_AGE_S, every other batch is the oldest item's, so long
         texts keep moving too."""
-        plan = self.pipeline.plan([w.row for w in live], range(len(live)), self.max_batch)
+        plan = self.pipeline.plan(
+            [w.row for w in live], range(len(live)), self.max_batch, self._time_budget()
+        )
         oldest = min(range(len(live)), key=lambda i: live[i].queued_at)
         self._aged_turn = not self._aged_turn
         if self._aged_turn and time.monotonic() - live[oldest].queued_at > MAX_AGE_S:
             return set(next(c for c in plan if oldest in c))
         return set(plan[-1])
+
+    def _time_budget(self) -> int | None:
+        """Padded tokens one run may take so that it lasts about `max_batch_seconds`: a short
+        text arriving behind a run of long ones waits that long at most, on any hardware
+        (None: not set, or nothing measured yet)."""
+        if not self.max_batch_seconds or not self.seconds_per_token:
+            return None
+        return max(MIN_TIMED_TOKENS, int(self.max_batch_seconds / self.seconds_per_token))
 
     def _run(self, work: list[Work]) -> None:
         started = time.monotonic()
@@ -151,6 +169,12 @@ class TowerBatcher:
             for item in work:
                 item.future.set_exception(exc)
             return
+        tower = self.pipeline.tower
+        padded = len(work) * max((tower.tokens(w.row) or 0) for w in work)
+        if padded >= MIN_TIMED_TOKENS:
+            measured = (time.monotonic() - started) / padded
+            known = self.seconds_per_token
+            self.seconds_per_token = measured if known is None else 0.7 * known + 0.3 * measured
         self._observe(
             self.tower,
             len(work),

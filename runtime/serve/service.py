@@ -78,6 +78,7 @@ class Service:
                 s.max_wait_ms / 1000,
                 s.max_queue,
                 self.metrics.observe_batch,
+                s.max_batch_seconds or None,
             )
             self.batchers[name] = batcher
             self.metrics.queue_depth.labels(name).set_function(lambda b=batcher: b.depth)

@@ -20,6 +20,10 @@ ENV_PREFIX = "CLIPEDGE_"
 # the full-size text tower on a CPU ~56 kB, so ~0.5 GB per run of 8192 tokens) and the wait of
 # a short text behind one run (docs/serve.md). TEI's GPU default, 16384, doubles both.
 SERVE_MAX_BATCH_TOKENS = 8192
+# A run of long texts cannot be interrupted, so a short text arriving behind it waits for it:
+# batches are cut to about this much model time (full-size int8-cpu on 2 vCPUs: one 512-token
+# text, ~0.7 s, where 8192 tokens took tens of seconds; docs/serve.md).
+MAX_BATCH_SECONDS = 0.5
 POSITIVE = (
     "max_batch_size",
     "max_queue",
@@ -50,6 +54,13 @@ class ServeSettings:
     model_name: str = field(default="jina-clip-v2", metadata=_help("the model name served"))
     max_batch_size: int = field(default=32, metadata=_help("items per model run"))
     max_wait_ms: float = field(default=0.0, metadata=_help("wait for more items to batch"))
+    max_batch_seconds: float = field(
+        default=MAX_BATCH_SECONDS,
+        metadata=_help(
+            "model time one run aims at, from the measured time per padded token: what a short "
+            "request waits behind long ones at most (0: off)"
+        ),
+    )
     max_queue: int = field(default=1024, metadata=_help("items waiting per tower"))
     max_inputs: int = field(default=512, metadata=_help("items per request"))
     max_text_chars: int = field(default=200_000, metadata=_help("characters per text"))
@@ -85,8 +96,10 @@ class ServeSettings:
             raise OptionError(f"port must be in [1, 65535], got {self.port}")
         if self.prepare_workers is not None and self.prepare_workers < 1:
             raise OptionError(f"prepare_workers must be at least 1, got {self.prepare_workers}")
-        if self.max_wait_ms < 0 or min(self.request_timeout, *self.timeouts) <= 0:
-            raise OptionError("max_wait_ms must be >= 0 and every timeout > 0")
+        if min(self.max_wait_ms, self.max_batch_seconds) < 0:
+            raise OptionError("max_wait_ms and max_batch_seconds must be >= 0")
+        if min(self.request_timeout, *self.timeouts) <= 0:
+            raise OptionError("every timeout must be > 0")
         if self.max_inputs > self.max_queue:
             raise OptionError(
                 f"max_inputs ({self.max_inputs}) must not exceed max_queue ({self.max_queue}): "
