@@ -136,6 +136,8 @@ def good_load(
         if by_kind["image"]
         else None,
         "requests": len(latencies),
+        "text_ms": [round(1000 * t) for t in by_kind["text"]],  # sorted: the tail's shape
+        "image_ms": [round(1000 * t) for t in by_kind["image"]],
         "errors": dict(errors),
         "min_cosine_to_first": worst,
         "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
