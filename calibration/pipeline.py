@@ -33,7 +33,7 @@ from clipedge.model import ClipEdgeModel
 from clipedge.towers import TEXT
 
 from . import memory
-from .blocks import nodes_by_block
+from .blocks import nodes_by_unit
 from .data import CalibrationSet, tower_feeds
 from .feeds import Feed
 from .memory import Stages
@@ -89,7 +89,7 @@ def _tower_precision(
     held_out = HeldOut(tower, held_feeds, reference_held)
     if search:
         graph_model = onnx.load(str(source), load_external_data=False)
-        blocks = nodes_by_block(graph_model)
+        blocks = nodes_by_unit(graph_model)
         others = _other_nodes(graph_model, blocks)
         del graph_model
         result = search_fallback(

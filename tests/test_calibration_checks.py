@@ -564,3 +564,20 @@ def test_the_report_reuses_a_held_out_run_only_on_the_graph_it_ran(tmp_path, mon
     graph.unlink()
     graph.write_bytes(b"other graph")  # the search rewrote the destination afterwards
     assert held_out.measured(graph) is None
+
+
+def test_the_search_units_are_the_blocks_and_the_weighted_modules_outside_them(tiny_bundle):
+    """With all 24 full-size image blocks float the int8 patch-embedding convolution alone
+    held the tower at 0.98: it must be a unit the search can keep float."""
+    import onnx
+
+    from clipedge.calibration.blocks import nodes_by_block, nodes_by_unit
+
+    for tower, outside in (("vision", "patch_embed"), ("text", "word_embeddings")):
+        model = onnx.load(str(tiny_bundle / f"{tower}.onnx"), load_external_data=False)
+        units, blocks = nodes_by_unit(model), nodes_by_block(model)
+        assert list(units)[: len(blocks)] == list(blocks) and set(units) - set(blocks) == {outside}
+        ops = {n.name: n.op_type for n in model.graph.node}
+        assert {ops[name] for name in units[outside]} & {"Conv", "Gather"}
+        names = [name for nodes in units.values() for name in nodes]
+        assert len(names) == len(set(names))  # no node in two units
