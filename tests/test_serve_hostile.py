@@ -325,10 +325,12 @@ class PerTokenSession(FakeSession):
         super().__init__()
         self.seconds_per_token = seconds_per_token
         self.shapes: list[tuple[int, int]] = []
+        self.first_ids: list[int] = []
 
     def run(self, feeds):
         ids = feeds["input_ids"]
         self.shapes.append(ids.shape)
+        self.first_ids.append(int(ids[0, 0]))
         time.sleep(ids.size * self.seconds_per_token)
         return ids[:, :1].astype(np.float32)
 
@@ -353,3 +355,21 @@ def test_runs_are_cut_to_the_time_budget_so_short_texts_wait_little(model):  # n
     assert waited < 0.6, waited
     assert max(rows for rows, width in session.shapes[1:] if width == 300) == 2
     assert session.shapes[-1] == (32, 4)  # 128 tokens: short texts are not cut
+
+
+def test_short_texts_split_by_the_time_budget_run_first_in_first_out(model):  # noqa: F811
+    """Short texts over several runs: the earlier ones go first. Before, the batch with the
+    newest of them ran next every time, and under a stream of them an early short text
+    waited until the stream ended (a 29 s p99 at full size)."""
+    session = PerTokenSession(0.001)
+    pipeline = Pipeline(model.tower("text"), session, embed_dim=1)
+    batcher = TowerBatcher(pipeline, 64, 0.0, 256, max_batch_seconds=0.01)  # -> 256 tokens
+    batcher.submit([[5] * 300] * 2)[-1].result(10)  # measures the time per token
+    busy = batcher.submit([[5] * 300])  # the model is busy (0.3 s) while the rest queue
+    time.sleep(0.1)
+    first = batcher.submit([[3] * 16] * 16)  # 256 tokens: one run
+    second = batcher.submit([[4] * 16] * 16)
+    [f.result(10) for f in busy + first + second]
+    batcher.close()
+    assert session.shapes[-2:] == [(16, 16), (16, 16)]
+    assert session.first_ids[-2:] == [3, 4]  # the earlier short texts ran first

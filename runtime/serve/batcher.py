@@ -141,9 +141,10 @@ class TowerBatcher:
 
     def _next(self, live: list[Work]) -> set[int]:
         """One batch: grouped longest first (little padding), the shortest batch runs first
-        (a short request waits for one batch, not every long text queued before it); while
-        items have waited over MAX_AGE_S, every other batch is the oldest item's, so long
-        texts keep moving too."""
+        (a short request waits for one batch, not every long text queued before it), and of
+        batches as short the one that has waited longest (short texts split over several
+        batches by a budget go first in, first out); while items have waited over
+        MAX_AGE_S, every other batch is the oldest item's, so long texts keep moving too."""
         plan = self.pipeline.plan(
             [w.row for w in live], range(len(live)), self.max_batch, self._time_budget()
         )
@@ -151,7 +152,13 @@ class TowerBatcher:
         self._aged_turn = not self._aged_turn
         if self._aged_turn and time.monotonic() - live[oldest].queued_at > MAX_AGE_S:
             return set(next(c for c in plan if oldest in c))
-        return set(plan[-1])
+        tokens = self.pipeline.tower.tokens
+
+        def shortest_then_oldest(chunk: list[int]) -> tuple[int, float]:
+            width = max((tokens(live[i].row) or 0) for i in chunk)
+            return width, min(live[i].queued_at for i in chunk)
+
+        return set(min(plan, key=shortest_then_oldest))
 
     def _time_budget(self) -> int | None:
         """Padded tokens one run may take so that it lasts about `max_batch_seconds`: a short
