@@ -139,3 +139,28 @@ def _command(process: psutil.Process) -> str:
         return " ".join(process.cmdline())
     except psutil.Error:  # ended (or a zombie) meanwhile
         return ""
+
+
+LIBRARY_CALLER = """
+import subprocess, sys
+from pathlib import Path
+from clipedge.embed.job import EmbedJob
+from clipedge.embed.ray_data import embed_with_ray
+own = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+job = EmbedJob(Path(sys.argv[1]), sys.argv[2], "texts", Path(sys.argv[3]))
+embed_with_ray(job, progress=False)
+print("alive" if own.poll() is None else "killed", flush=True)
+own.kill()
+"""
+
+
+def test_the_reaper_spares_a_library_callers_own_processes(tiny_bundle, tmp_path):
+    source = tmp_path / "texts.txt"
+    source.write_text("".join(f"text number {i}\n" for i in range(20)))
+    done = subprocess.run(
+        [sys.executable, "-c", LIBRARY_CALLER, str(tiny_bundle), str(source), str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.stdout.strip().splitlines()[-1:] == ["alive"], done.stderr[-2000:]

@@ -3,9 +3,11 @@
 `ray.init()` without an address starts a local Ray instance whose processes are the job's
 descendants. Most of them die with the job, but after a SIGKILL Ray's per-node agents
 (`ray::DashboardAgent`, `ray::RuntimeEnvAgent`) were found running on, reparented to init.
-The reaper is a small process of its own: every `POLL_S` it records the job's descendants
-(pid and start time, so a reused pid is never touched); when the job's end of a pipe closes
-(the job exited or was killed) it kills what it recorded that still runs, and exits.
+The reaper is a small process of its own: every `POLL_S` it records the job's new Ray
+descendants (pid and start time, so a reused pid is never touched; processes the job had
+before, or that are not Ray's, are left alone: a library caller's own children live on);
+when the job's end of a pipe closes (the job exited or was killed) it kills what it recorded
+that still runs, and exits.
 
     with reaping():
         ray.init(...)
@@ -32,9 +34,11 @@ def reaping() -> Iterator[None]:
     watcher = subprocess.Popen(
         [sys.executable, "-m", "clipedge.embed.reaper", str(os.getpid())],
         stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
         start_new_session=True,  # Ctrl-C in a terminal reaches the job, not its reaper
     )
     try:
+        watcher.stdout.readline()  # it has seen what ran before: Ray starts after this
         yield
     finally:
         watcher.stdin.close()  # what a death of this process does too
@@ -42,13 +46,15 @@ def reaping() -> Iterator[None]:
 
 
 def _descendants(pid: int) -> set[tuple[int, float]]:
+    """(pid, start time) of `pid`'s descendants that are Ray's processes."""
     import psutil
 
     with contextlib.suppress(psutil.Error):
         found = set()
         for child in psutil.Process(pid).children(recursive=True):
             with contextlib.suppress(psutil.Error):
-                found.add((child.pid, child.create_time()))
+                if "ray" in " ".join(child.cmdline()).lower():
+                    found.add((child.pid, child.create_time()))
         return found
     return set()
 
@@ -65,11 +71,13 @@ def _kill(recorded: set[tuple[int, float]]) -> None:
 
 def watch(job: int) -> None:
     """The reaper's loop: record `job`'s descendants until stdin closes, then kill them."""
+    before = _descendants(job)
+    print("watching", flush=True)
     recorded: set[tuple[int, float]] = set()
     while not select.select([sys.stdin], [], [], POLL_S)[0]:
         recorded |= _descendants(job)
     recorded |= _descendants(job)  # a normal exit: what still runs (the job itself lives on)
-    _kill({(pid, started) for pid, started in recorded if pid != os.getpid()})
+    _kill({(pid, started) for pid, started in recorded - before if pid != os.getpid()})
 
 
 if __name__ == "__main__":
