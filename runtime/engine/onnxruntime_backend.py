@@ -41,9 +41,9 @@ class OnnxruntimeOptions:
     returns after the run, measured faster than the arena-shrinkage run option),
     `memory_reuse` the allocation planner's buffer reuse (None: off on the CPU provider, on
     for GPU providers: its plan hands a freed buffer to a later tensor and so keeps buffers
-    alive past their last use; off, one 8192-token full-size text peaks at +0.41 GB over the
-    loaded model instead of +1.29 GB, and 32 images over four vision blocks at +2.9 GB
-    instead of +7.8 GB, no slower; see docs/benchmarks.md)."""
+    alive past their last use; off, one 8192-token full-size text peaks at +0.46 GB over the
+    loaded model instead of +1.40 GB, 32 images at +3.2 GB instead of +8.4 GB, at 0-12 % more
+    time on a first call; see docs/benchmarks.md)."""
 
     threads: int | None = None
     optimization: str = "all"
