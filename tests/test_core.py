@@ -430,7 +430,7 @@ def test_the_text_session_returns_memory_after_a_long_text(tiny_bundle):
 
 def test_cpu_sessions_plan_without_buffer_reuse(tiny_bundle):
     """onnxruntime's planner, reusing a freed buffer for a later tensor, kept buffers alive
-    past their last use: one full-size 8192-token text +1.29 GB with it, +0.41 GB without
+    past their last use: one full-size 8192-token text +1.40 GB with it, +0.46 GB without
     (docs/benchmarks.md). Both CPU towers run without it unless asked."""
     model = clipedge.load(tiny_bundle, backend="cpu")
     for tower in ("text", "vision"):
