@@ -3,16 +3,15 @@
 NNCF's post-training int8 costs minutes on the full-size towers (statistics over every
 calibration sample), and a mixed-precision search needs many variants. So the tower is
 quantised once, every MatMul int8, and each variant is made from that model by bypassing the
-activation FakeQuantize nodes in front of the layers that should stay float: those layers
-then read bf16 (the inference precision) activations and keep their int8 weights, the form
-that kept accuracy for the vision MLP output projections. A variant takes a clone
-and a graph walk, not a new NNCF run.
+FakeQuantize nodes in front of the layers that should stay float (activations and weights):
+those layers then run in bf16 (the inference precision) on the float weights NNCF's model
+still holds. A variant takes a clone and a graph walk, not a new NNCF run.
 
 What was tried on the full-size vision tower, kept or not, with cosine and time per variant
 and where the time goes: docs/benchmarks.md, "The image tower at int8". In short: attention
 stays bf16 (int8 was no faster and less accurate); the MLP output projections are int8 like
-the rest (bf16 inputs cost time on AMX for little accuracy); blocks the search keeps float
-read bf16.
+the rest (bf16 inputs cost time on AMX for little accuracy); units the search keeps float
+run in bf16.
 """
 
 from __future__ import annotations
@@ -128,6 +127,7 @@ def quantize_all(
 def _quantize(src: Path, feeds: list[dict[str, np.ndarray]], float_layers: Sequence[str]) -> Any:
     import nncf
     import openvino as ov
+    from nncf.openvino.quantization.backend_parameters import BackendParameters
 
     model = ov.Core().read_model(str(src))
     ignored = nncf.IgnoredScope(names=list(float_layers), validate=False) if float_layers else None
@@ -146,6 +146,9 @@ def _quantize(src: Path, feeds: list[dict[str, np.ndarray]], float_layers: Seque
             # inference on an AVX2 EPYC: min cosine 0.949 with NNCF's default (first layer
             # only), 0.997 with half-range weights on every layer, which no CPU saturates.
             overflow_fix=nncf.OverflowFix.ENABLE,
+            # Weights stay float behind their quantisers in memory, so a variant can give a
+            # float unit its float weights; `save_ir` compresses the rest to int8.
+            backend_params={BackendParameters.COMPRESS_WEIGHTS: False},
         ),
     )
 
@@ -165,24 +168,26 @@ def _layers_fed(output: Any) -> set[str]:
 
 def with_float_inputs(quantized: Any, layers: Iterable[str]) -> Any:
     """A copy of `quantized` in which `layers` (friendly names; ONNX node names survive as
-    such) read unquantised activations. Their weights stay int8."""
+    such) are float: their activation and weight quantisers are bypassed. (Float inputs with
+    int8 weights left a floor: on the full-size image tower with random weights every block
+    float still gave min cosine 0.98154, the 7-bit weights alone.)"""
     model = quantized.clone()
     names = set(layers)
     for op in model.get_ordered_ops():
-        if op.get_type_name() != "FakeQuantize":
-            continue
-        source = op.input_value(0)
-        if source.get_node().get_type_name() == "Constant":  # a weight quantiser
-            continue
-        if _layers_fed(op.output(0)) & names:
-            op.output(0).replace(source)
+        # OpenVINO names a convolution's bias-less part "<node>/WithoutBiases"
+        fed = {name.split("/")[0] for name in _layers_fed(op.output(0))}
+        if op.get_type_name() == "FakeQuantize" and fed & names:
+            op.output(0).replace(op.input_value(0))
     return model
 
 
 def save_ir(model: Any, dst: Path) -> Path:
     """Write OpenVINO IR (`dst` ends in .xml; weights in the .bin beside it)."""
     import openvino as ov
+    from openvino._offline_transformations import compress_quantize_weights_transformation
 
     dst.parent.mkdir(parents=True, exist_ok=True)
+    model = model.clone()
+    compress_quantize_weights_transformation(model)  # quantised weights stored int8
     ov.save_model(model, str(dst), compress_to_fp16=False)
     return dst

@@ -390,3 +390,40 @@ def test_leaving_attention_out_of_nncf_gives_the_same_graph(tiny_bundle, tmp_pat
         for name, m in (("before", before), ("after", after))
     ]
     np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+@needs_nncf
+def test_units_kept_float_get_their_float_weights_back(tiny_bundle, tmp_path):
+    """A unit the search keeps float runs on float weights: with int8 weights kept, every
+    full-size image block float still gave 0.98154 (the 7-bit weights alone). All units
+    float is the fp32 graph again; the others stay int8 weights on disk."""
+    import onnx
+
+    from clipedge.calibration.blocks import nodes_by_unit
+    from clipedge.calibration.data import tower_feeds
+    from clipedge.calibration.openvino_int8 import (
+        attention_matmuls,
+        quantize_all,
+        save_ir,
+        with_float_inputs,
+    )
+    from clipedge.calibration.report import cosine_stats, cpu_session, pooled_embeddings
+
+    calibration = CalibrationSet.from_sources(PHOTO_GLOB, None, limit=12)
+    model = clipedge.load(tiny_bundle, backend="cpu")
+    feeds = tower_feeds(model, "vision", calibration, held_out=False)
+    held = tower_feeds(model, "vision", calibration, held_out=True)
+    graph = tiny_bundle / "vision.onnx"
+    attention = attention_matmuls(graph)
+    quantized = quantize_all(graph, feeds, float_layers=attention)
+    units = nodes_by_unit(onnx.load(str(graph), load_external_data=False))
+    every = [name for names in units.values() for name in names]
+    reference = pooled_embeddings(cpu_session(graph), "vision", held)
+    cosines, sizes = {}, {}
+    for name, layers in (("int8", attention), ("float", [*attention, *every])):
+        ir = save_ir(with_float_inputs(quantized, layers), tmp_path / f"{name}.xml")
+        embeddings = pooled_embeddings(cpu_session(ir), "vision", held)
+        cosines[name] = cosine_stats(reference, embeddings)["cosine_min"]
+        sizes[name] = ir.with_suffix(".bin").stat().st_size
+    assert cosines["float"] >= 0.9995 > cosines["int8"]
+    assert sizes["int8"] * 3 < sizes["float"]  # int8 weights where quantised

@@ -293,8 +293,8 @@ def test_openvino_converter_keeps_the_named_onnx_nodes_float(
     tiny_bundle, feeds, tmp_path, monkeypatch
 ):
     """The block search names ONNX nodes; OpenVINO must honour them (its friendly names).
-    NNCF runs once per converter; every variant is derived from that one quantised model,
-    and the float nodes keep their int8 weights."""
+    NNCF runs once per converter; every variant is derived from that one quantised model;
+    the float nodes get their float weights back, the others keep int8 weights."""
     import openvino as ov
 
     from clipedge.calibration import openvino_int8
@@ -323,7 +323,9 @@ def test_openvino_converter_keeps_the_named_onnx_nodes_float(
         assert not fake_quantized & set(block)
         assert fake_quantized & {n for other, ns in blocks.items() if other != name for n in ns}
         weights = set(block) - attention
-        assert {_weight_type(op) for op in matmuls if op.get_friendly_name() in weights} == {"i8"}
+        assert {_weight_type(op) for op in matmuls if op.get_friendly_name() in weights} == {"f32"}
+        others = {op.get_friendly_name() for op in matmuls} - set(block) - attention
+        assert {_weight_type(op) for op in matmuls if op.get_friendly_name() in others} == {"i8"}
     assert len(runs) == 1, "one NNCF run for every variant"
 
 
