@@ -364,25 +364,27 @@ def test_bad_towers_and_an_unmeetable_memory_budget_are_refused_up_front(bundle_
     assert "within --max-memory 64 GB" in capsys.readouterr().out
 
 
-@needs_nncf
-def test_leaving_attention_out_of_nncf_gives_the_same_graph(tiny_bundle, tmp_path):
-    """NNCF's statistics on the attention maps cost memory and bought nothing: every variant
-    bypasses attention's quantisers anyway. Without them NNCF makes the same graph."""
+@pytest.fixture(scope="module")
+def vision_feeds(tiny_bundle):
+    """The tiny image tower's graph, calibration and held-out feeds, attention products."""
     from clipedge.calibration.data import tower_feeds
-    from clipedge.calibration.openvino_int8 import (
-        attention_matmuls,
-        quantize_all,
-        save_ir,
-        with_float_inputs,
-    )
-    from clipedge.calibration.report import cpu_session, pooled_embeddings
+    from clipedge.calibration.openvino_int8 import attention_matmuls
 
     calibration = CalibrationSet.from_sources(PHOTO_GLOB, None, limit=12)
     model = clipedge.load(tiny_bundle, backend="cpu")
-    feeds = tower_feeds(model, "vision", calibration, held_out=False)
-    held = tower_feeds(model, "vision", calibration, held_out=True)
     graph = tiny_bundle / "vision.onnx"
-    attention = attention_matmuls(graph)
+    feeds, held = (tower_feeds(model, "vision", calibration, h) for h in (False, True))
+    return graph, feeds, held, attention_matmuls(graph)
+
+
+@needs_nncf
+def test_leaving_attention_out_of_nncf_gives_the_same_graph(vision_feeds, tmp_path):
+    """NNCF's statistics on the attention maps cost memory and bought nothing: every variant
+    bypasses attention's quantisers anyway. Without them NNCF makes the same graph."""
+    from clipedge.calibration.openvino_int8 import quantize_all, save_ir, with_float_inputs
+    from clipedge.calibration.report import cpu_session, pooled_embeddings
+
+    graph, feeds, held, attention = vision_feeds
     before = with_float_inputs(quantize_all(graph, feeds), attention)
     after = with_float_inputs(quantize_all(graph, feeds, float_layers=attention), attention)
     outputs = [
@@ -393,28 +395,17 @@ def test_leaving_attention_out_of_nncf_gives_the_same_graph(tiny_bundle, tmp_pat
 
 
 @needs_nncf
-def test_units_kept_float_get_their_float_weights_back(tiny_bundle, tmp_path):
+def test_units_kept_float_get_their_float_weights_back(vision_feeds, tmp_path):
     """A unit the search keeps float runs on float weights: with int8 weights kept, every
     full-size image block float still gave 0.98154 (the 7-bit weights alone). All units
     float is the fp32 graph again; the others stay int8 weights on disk."""
     import onnx
 
     from clipedge.calibration.blocks import nodes_by_unit
-    from clipedge.calibration.data import tower_feeds
-    from clipedge.calibration.openvino_int8 import (
-        attention_matmuls,
-        quantize_all,
-        save_ir,
-        with_float_inputs,
-    )
+    from clipedge.calibration.openvino_int8 import quantize_all, save_ir, with_float_inputs
     from clipedge.calibration.report import cosine_stats, cpu_session, pooled_embeddings
 
-    calibration = CalibrationSet.from_sources(PHOTO_GLOB, None, limit=12)
-    model = clipedge.load(tiny_bundle, backend="cpu")
-    feeds = tower_feeds(model, "vision", calibration, held_out=False)
-    held = tower_feeds(model, "vision", calibration, held_out=True)
-    graph = tiny_bundle / "vision.onnx"
-    attention = attention_matmuls(graph)
+    graph, feeds, held, attention = vision_feeds
     quantized = quantize_all(graph, feeds, float_layers=attention)
     units = nodes_by_unit(onnx.load(str(graph), load_external_data=False))
     every = [name for names in units.values() for name in names]
