@@ -436,7 +436,12 @@ def calibrate_bundle(
             os.replace(staged, bundle_dir / staged.name)
     rows, retrieval = _merged_report(bundle_dir, results, retrieval)
     write_report(bundle_dir, rows, retrieval)
-    updated = replace(manifest, towers=new_towers, files=describe_files(bundle_dir))
+    # Entries already signed were checked when the model loaded; only what this run wrote
+    # is hashed (a stray file in the folder is not signed into the manifest).
+    kept = {name: info for name, info in manifest.files.items() if (bundle_dir / name).is_file()}
+    names = [staged.name for staged in graph_files if (bundle_dir / staged.name).is_file()]
+    written = describe_files(bundle_dir, [*names, REPORT_NAME])
+    updated = replace(manifest, towers=new_towers, files={**kept, **written})
     updated.save(bundle_dir)
     shutil.rmtree(work, ignore_errors=True)
     report(format_table(results))

@@ -290,6 +290,19 @@ def test_an_interrupted_calibration_leaves_the_bundle_as_it_was(bundle_copy, mon
     clipedge.load(bundle_copy, backend="cpu", precision="fp16", verify_checksums=True)
 
 
+def test_calibration_signs_only_what_it_wrote(bundle_copy):
+    """A stray file in the bundle's folder is not signed into the manifest (it was: every
+    file in the folder was hashed again and listed), and the signed files still load."""
+    (bundle_copy / "notes.txt").write_text("not part of the bundle")
+    before = json.loads((bundle_copy / "clipedge.json").read_text())["files"]
+    assert main(calibrate_args(bundle_copy, "--towers", "text", "--precisions", "int8-cpu")) == 0
+    files = json.loads((bundle_copy / "clipedge.json").read_text())["files"]
+    assert "notes.txt" not in files
+    assert set(files) == set(before) | {"text.int8-cpu.onnx", "accuracy_report.json"}
+    model = clipedge.load(bundle_copy, backend="cpu", precision="int8-cpu", verify_checksums=True)
+    assert model.encode_text("a caption").shape == (model.manifest.embed_dim,)
+
+
 def test_an_unknown_precision_is_refused_before_the_data_is_read(tmp_path, capsys):
     argv = ["calibrate", str(tmp_path), "--calibration-images", str(tmp_path / "none")]
     assert main([*argv, "--precisions", "int4"]) == 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -338,10 +339,19 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
-def describe_files(bundle_dir: Path) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of every file in the bundle (the manifest itself excluded)."""
+def describe_files(
+    bundle_dir: Path, names: Iterable[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of the named files, or of every file in the bundle (the manifest
+    itself excluded): a new bundle's folder holds only what its writer put there, while a
+    calibrated one names what it wrote, so no stray file gets signed."""
+    bundle_dir = Path(bundle_dir)
+    paths = (
+        [bundle_dir / name for name in names]
+        if names is not None
+        else [p for p in bundle_dir.iterdir() if p.is_file() and p.name != MANIFEST_NAME]
+    )
     return {
         path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-        for path in sorted(Path(bundle_dir).iterdir())
-        if path.is_file() and path.name != MANIFEST_NAME
+        for path in sorted(paths)
     }
