@@ -299,7 +299,8 @@ def test_calibration_signs_only_what_it_wrote(bundle_copy):
     files = json.loads((bundle_copy / "clipedge.json").read_text())["files"]
     assert "notes.txt" not in files
     assert set(files) == set(before) | {"text.int8-cpu.onnx", "accuracy_report.json"}
-    model = clipedge.load(bundle_copy, backend="cpu", precision="int8-cpu", verify_checksums=True)
+    model = clipedge.load(bundle_copy, backend="cpu", verify_checksums=True)
+    assert model.precisions["text"] == "int8-cpu"
     assert model.encode_text("a caption").shape == (model.manifest.embed_dim,)
 
 
