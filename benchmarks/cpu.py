@@ -207,7 +207,7 @@ SHIPPED = {"ort-dynamic-int8": "int8-cpu", "ov-int8": "int8-ov"}
 def prepare_graph(engine: str, tower: str, bundle: Path, work: Path) -> tuple[Path, float | None]:
     """The graph an ORT/OpenVINO engine loads, built into `work` on first use (build seconds)."""
     from clipedge.calibration import cpu_int8
-    from clipedge.calibration.precisions import PRECISIONS
+    from clipedge.calibration.precisions import PRECISIONS, Conversion
 
     source = bundle / f"{tower}.onnx"
     if engine in ("ort-fp32", "ov-bf16"):
@@ -219,7 +219,7 @@ def prepare_graph(engine: str, tower: str, bundle: Path, work: Path) -> tuple[Pa
     start = time.perf_counter()
     feeds = None if engine == "ort-dynamic-int8" else calibration_feeds(bundle, tower)
     if engine in SHIPPED:
-        PRECISIONS[SHIPPED[engine]].make_converter(source, feeds or [], "max")([], target)
+        PRECISIONS[SHIPPED[engine]].make_converter(source, feeds or [], Conversion())([], target)
     else:
         mode = {"ort-qdq-u8": "qdq_u8", "ort-qoperator-u8": "qoperator"}
         cpu_int8.quantize_cpu(source, target, mode[engine], feeds)

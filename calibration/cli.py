@@ -51,6 +51,14 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) -
     )
     group.add_argument("--seed", type=int, default=0, help="sampling seed")
     group.add_argument(
+        "--weight-bits",
+        choices=("auto", "7", "8"),
+        default="auto",
+        help="int8 weight range: 7 runs exactly on every CPU; 8 is more accurate but exact "
+        "only on CPUs with VNNI/AMX (or ARM), and the runtime refuses it elsewhere; auto "
+        "(default): 8 where this CPU runs it, else 7",
+    )
+    group.add_argument(
         "--max-memory",
         type=float,
         default=None,
@@ -75,10 +83,11 @@ def prepare_calibration(
     the precisions (names, installed packages), `--target-cosine`, `--calibration-samples`,
     and for each tower (`towers`, else the bundle's) the source its calibration needs."""
     from .data import CalibrationSet
-    from .precisions import check_precisions
+    from .precisions import check_precisions, resolve_weight_bits
 
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip() and p != "fp32"]
     check_precisions(precisions)  # a typo costs nothing, not the data loading first
+    resolve_weight_bits(args.weight_bits)
     target = args.target_cosine
     if target is not None and not 0 < target <= 1:
         raise OptionError(f"--target-cosine must be in (0, 1], got {target}")
@@ -132,6 +141,7 @@ def calibrate(
             report=lambda line: print(line, flush=True),
             towers=towers,
             max_memory_gb=args.max_memory,
+            weight_bits=args.weight_bits,
         )
     # ValidationError: onnx refusing a bundle's graph, e.g. a weights file with several hard
     # links (a `cp -al` copy of a bundle: make real copies of its .data files).

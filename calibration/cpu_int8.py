@@ -20,17 +20,19 @@ The OpenVINO form (`int8-ov`) is NNCF's, in `openvino_int8.py`.
 
 Every form keeps the graph's inputs and outputs, so the runtime loads it like the fp32 graph.
 
-Weights are 7-bit (`reduce_range`, values in [-64, 64]) in every form, because the graph runs
-on CPUs other than the one that built it. On x86 CPUs without VNNI or AMX (AVX2 or plain
-AVX-512: older Xeons, and AMD EPYC VMs that expose AVX2 only) onnxruntime's int8 GEMM
-multiplies uint8 activations by int8 weights with vpmaddubsw, which adds each pair of products
-into an int16 and saturates: 255 * 127 * 2 = 64770 > 32767. VNNI and AMX add in int32, so the
-same graph passed on the AMX Xeon and failed on an AVX2 EPYC (tiny vision tower, "dynamic": min
-cosine 0.9985 with exact integer products, as measured on the Xeon; 0.9507 from onnxruntime on
-the EPYC, whose MatMulInteger outputs equal a model of int16 pair saturation bit for bit).
-7-bit weights keep every pair in range (255 * 64 * 2 = 32640), so onnxruntime computes the
-exact integer products on every x86 CPU, for one bit of weight precision (0.9978) and no change
-of kernel or speed. onnxruntime documents `reduce_range` for this case (U8S8 on non-VNNI x86).
+Weights are 7-bit (`reduce_range`, values in [-64, 64]) by default, because the graph may run
+on CPUs other than the one that built it; 8-bit (`weight_bits=8`) only for CPUs that add int8
+products in int32 (`clipedge.engine.cpu_features`, which the runtime checks). On x86 CPUs
+without VNNI or AMX (AVX2 or plain AVX-512: older Xeons, and AMD EPYC VMs that expose AVX2
+only) onnxruntime's int8 GEMM multiplies uint8 activations by int8 weights with vpmaddubsw,
+which adds each pair of products into an int16 and saturates: 255 * 127 * 2 = 64770 > 32767.
+VNNI and AMX add in int32, so the same graph passed on the AMX Xeon and failed on an AVX2 EPYC
+(tiny vision tower, "dynamic": min cosine 0.9985 with exact integer products, as measured on
+the Xeon; 0.9507 from onnxruntime on the EPYC, whose MatMulInteger outputs equal a model of
+int16 pair saturation bit for bit). 7-bit weights keep every pair in range (255 * 64 * 2 =
+32640), so onnxruntime computes the exact integer products on every x86 CPU, for one bit of
+weight precision (0.9978) and no change of kernel or speed. onnxruntime documents
+`reduce_range` for this case (U8S8 on non-VNNI x86).
 """
 
 from __future__ import annotations
@@ -47,8 +49,6 @@ from .ort_advice import without_preprocessing_advice
 from .report import graph_bytes
 
 MODES = ("dynamic", "qdq_u8", "qoperator")
-# 7-bit weights: exact int8 products on x86 CPUs without VNNI too (module docstring).
-REDUCE_RANGE = True
 # onnx protobufs cannot exceed 2 GB: larger graphs keep their weights in `<name>.data`.
 
 
@@ -77,11 +77,13 @@ def quantize_cpu(
     mode: str,
     feeds: list[dict[str, np.ndarray]] | None = None,
     exclude_nodes: Iterable[str] = (),
+    weight_bits: int = 7,
 ) -> Path:
     """Write an int8 form of the fp32 graph `src` to `dst` and return `dst`.
 
     `feeds` (graph inputs from `calibration.data.tower_feeds`) set the activation ranges of
-    the static forms; `exclude_nodes` stay float (mixed precision for sensitive blocks).
+    the static forms; `exclude_nodes` stay float (mixed precision for sensitive blocks);
+    `weight_bits` 7 or 8 (module docstring).
     """
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -112,7 +114,7 @@ def quantize_cpu(
                 op_types_to_quantize=ops,
                 per_channel=True,
                 weight_type=QuantType.QInt8,
-                reduce_range=REDUCE_RANGE,
+                reduce_range=weight_bits == 7,
                 nodes_to_exclude=excluded,
                 use_external_data_format=external,
                 extra_options={"MatMulConstBOnly": True},
@@ -132,7 +134,7 @@ def quantize_cpu(
         nodes_to_quantize=weights,
         nodes_to_exclude=excluded,
         per_channel=True,
-        reduce_range=REDUCE_RANGE,
+        reduce_range=weight_bits == 7,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,

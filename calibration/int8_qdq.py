@@ -3,12 +3,13 @@
 `quantize_qdq` is onnxruntime's `quantize_static` set up the way TensorRT wants Q/DQ graphs:
 - symmetric int8 everywhere (zero points 0: TensorRT supports no other), weights per output
   channel (MatMul weights [K, N] on axis 1, Conv weights on axis 0), stored as int8 with 7-bit
-  values ([-64, 64], `reduce_range`). The graph also runs on onnxruntime's CPU provider: the
-  calibration gate and the block search judge it there, and it is the CPU fallback. On x86
-  CPUs without VNNI/AMX that provider's int8 GEMM adds pairs of products in saturating int16
-  (see `cpu_int8`), so full 8-bit weights made the gate depend on the CPU: tiny vision tower,
-  min cosine 0.99928 with exact products (what TensorRT computes) but 0.98602 on an AVX2
-  EPYC. With 7-bit weights every CPU and TensorRT compute the same integers (0.99820);
+  values ([-64, 64], `reduce_range`) unless `weight_bits=8`. The graph also runs on
+  onnxruntime's CPU provider: the calibration gate and the block search judge it there, and it
+  is the CPU fallback. On x86 CPUs without VNNI/AMX that provider's int8 GEMM adds pairs of
+  products in saturating int16 (see `cpu_int8`), so full 8-bit weights made the gate depend on
+  the CPU: tiny vision tower, min cosine 0.99928 with exact products (what TensorRT computes)
+  but 0.98602 on an AVX2 EPYC. With 7-bit weights every CPU and TensorRT compute the same
+  integers (0.99820);
 - Q/DQ only on the *inputs* of MatMul/Gemm/Conv, never on their outputs, so TensorRT fuses
   each DQ -> GEMM (-> bias Add) into one int8 kernel; LayerNorm, Softmax and the residual
   Adds read and write float (`bypass_qdq_for_float_ops`);
@@ -247,6 +248,7 @@ def quantize_qdq(
     percentile: float = 99.99,
     attention_int8: bool = False,
     weight_only_nodes: Iterable[str] = (),
+    weight_bits: int = 7,
 ) -> Path:
     """Write an INT8 Q/DQ copy of `src` calibrated on `feeds` (graph inputs, batched).
 
@@ -283,7 +285,7 @@ def quantize_qdq(
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(QUANTIZED_OPS),
                 per_channel=True,
-                reduce_range=True,  # 7-bit weights: exact on non-VNNI CPUs too (docstring)
+                reduce_range=weight_bits == 7,  # exact on non-VNNI CPUs too (docstring)
                 activation_type=QuantType.QInt8,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=sorted(exclude),

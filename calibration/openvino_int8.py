@@ -92,6 +92,7 @@ def quantize_all(
     feeds: Sequence[dict[str, np.ndarray]],
     float_layers: Sequence[str] = (),
     max_tokens: int | None = None,
+    weight_bits: int = 7,
 ) -> Any:
     """The fp32 graph `src` with every MatMul int8 (NNCF, TRANSFORMER preset), in memory;
     `float_layers` (friendly names) get no quantisers at all.
@@ -105,8 +106,8 @@ def quantize_all(
     (docs/benchmarks.md, "Calibration memory"). NNCF's ranges are the mean over feeds of
     each feed's min/max, so smaller feeds change them a little.
 
-    Asymmetric activations, per-channel symmetric weights in half the int8 range (NNCF's
-    overflow fix on every layer, not only the first: see below), fast bias
+    Asymmetric activations, per-channel symmetric weights (`weight_bits` 7: half the int8
+    range, NNCF's overflow fix on every layer, not only the first: see below), fast bias
     correction; SmoothQuant off (NNCF's default 0.95 cost accuracy). Activation ranges:
     NNCF's default (mean of the per-sample min/max); global MINMAX helped odd pictures and
     cost ordinary photos more (docs/benchmarks.md).
@@ -119,12 +120,14 @@ def quantize_all(
     level = nncf_log.level
     nncf_log.setLevel(max(level, logging.WARNING))
     try:
-        return _quantize(src, statistics_feeds(feeds, max_tokens), float_layers)
+        return _quantize(src, statistics_feeds(feeds, max_tokens), float_layers, weight_bits)
     finally:
         nncf_log.setLevel(level)
 
 
-def _quantize(src: Path, feeds: list[dict[str, np.ndarray]], float_layers: Sequence[str]) -> Any:
+def _quantize(
+    src: Path, feeds: list[dict[str, np.ndarray]], float_layers: Sequence[str], weight_bits: int
+) -> Any:
     import nncf
     import openvino as ov
     from nncf.openvino.quantization.backend_parameters import BackendParameters
@@ -140,12 +143,11 @@ def _quantize(src: Path, feeds: list[dict[str, np.ndarray]], float_layers: Seque
         fast_bias_correction=True,
         advanced_parameters=nncf.AdvancedQuantizationParameters(
             smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1.0),
-            # OpenVINO's int8 kernels on x86 CPUs without VNNI/AMX (AVX2, plain AVX-512) add
-            # pairs of u8 x s8 products in saturating int16, like onnxruntime's (`cpu_int8`);
-            # the IR runs on CPUs other than the one that built it. Tiny vision tower, f32
-            # inference on an AVX2 EPYC: min cosine 0.949 with NNCF's default (first layer
-            # only), 0.997 with half-range weights on every layer, which no CPU saturates.
-            overflow_fix=nncf.OverflowFix.ENABLE,
+            # 7 bits: half-range weights on every layer (NNCF's overflow fix), which no CPU
+            # saturates (`clipedge.engine.cpu_features`). Tiny vision tower, f32 inference on
+            # an AVX2 EPYC: min cosine 0.949 with NNCF's default (first layer only), 0.997
+            # with the fix everywhere. 8 bits: no fix, for CPUs that add in int32.
+            overflow_fix=nncf.OverflowFix.ENABLE if weight_bits == 7 else nncf.OverflowFix.DISABLE,
             # Weights stay float behind their quantisers in memory, so a variant can give a
             # float unit its float weights; `save_ir` compresses the rest to int8.
             backend_params={BackendParameters.COMPRESS_WEIGHTS: False},

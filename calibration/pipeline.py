@@ -37,7 +37,7 @@ from .blocks import nodes_by_unit
 from .data import CalibrationSet, tower_feeds
 from .feeds import Feed
 from .memory import Stages
-from .precisions import PRECISIONS, check_precisions
+from .precisions import PRECISIONS, Conversion, check_precisions, resolve_weight_bits
 from .report import (
     REPORT_NAME,
     TowerAccuracy,
@@ -78,13 +78,13 @@ def _tower_precision(
     held_feeds: Sequence[Feed],
     reference_held: np.ndarray,
     fp32_ms: float,
-    method: str,
+    conversion: Conversion,
     target: float,
     search: bool,
     report: Callable[[str], None],
 ) -> tuple[TowerAccuracy, np.ndarray]:
     spec = PRECISIONS[precision]
-    convert = spec.make_converter(source, calib_feeds, method)
+    convert = spec.make_converter(source, calib_feeds, conversion)
     fp32_blocks: list[str] = []
     held_out = HeldOut(tower, held_feeds, reference_held)
     if search:
@@ -224,7 +224,7 @@ def _calibrate_towers(
     towers_wanted: Sequence[str],
     precisions: Sequence[str],
     calibration: CalibrationSet,
-    method: str,
+    conversion: Conversion,
     targets: dict[str, float] | None,
     search: bool,
     report: Callable[[str], None],
@@ -280,7 +280,8 @@ def _calibrate_towers(
                 {
                     **base_key,
                     "precision": precision,
-                    "method": spec.method(method),
+                    "method": spec.method(conversion.method),
+                    "weight_bits": conversion.weight_bits if spec.int8_weights else None,
                     "target": target,
                     "search": search,
                     "max_memory_gb": memory.budget_gb() if precision == "int8-ov" else None,
@@ -309,7 +310,7 @@ def _calibrate_towers(
                         tower_feeds_once(True),
                         reference_held,
                         fp32_ms,
-                        method,
+                        conversion,
                         target,
                         search,
                         report,
@@ -334,10 +335,11 @@ def _calibrate_towers(
                     cosine_mean=accuracy.cosine_mean,
                     target=target,
                     passed=accuracy.passed,
-                    method=spec.method(method),
+                    method=spec.method(conversion.method),
                     fp32_blocks=accuracy.fp32_blocks,
                     overflow=accuracy.overflow,
                 ),
+                weight_bits=conversion.weight_bits if spec.int8_weights else None,
             )
         towers[tower] = replace(tower_manifest, graphs=graphs)
         # One tower at a time: its feeds and whatever the converters left go before the next.
@@ -390,11 +392,13 @@ def calibrate_bundle(
     report: Callable[[str], None] = print,
     towers: Sequence[str] | None = None,
     max_memory_gb: float | None = None,
+    weight_bits: str | int = "auto",
 ) -> list[TowerAccuracy]:
     """Convert, measure and register every requested precision of every tower in the bundle
     (`towers`: only these), planned to peak within `max_memory_gb` (refused up front when no
-    plan fits)."""
+    plan fits), int8 weights in `weight_bits` bits (`resolve_weight_bits`)."""
     check_precisions(precisions)
+    conversion = Conversion(method, resolve_weight_bits(weight_bits))
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     towers_wanted = check_towers(towers, list(manifest.towers))
@@ -424,7 +428,7 @@ def calibrate_bundle(
             towers_wanted,
             precisions,
             calibration,
-            method,
+            conversion,
             targets,
             search,
             report,

@@ -21,6 +21,41 @@ from .search import Converter
 
 
 @dataclass(frozen=True)
+class Conversion:
+    """What every converter is told: the activation-range method of the Q/DQ graph and the
+    range of int8 weights, 7 bits (exact on every CPU) or 8 (exact where int8 products add
+    in int32: `clipedge.engine.cpu_features`; the manifest records it and the runtime will
+    not load such a graph on another CPU)."""
+
+    method: str = "max"
+    weight_bits: int = 7
+
+
+WEIGHT_BITS = ("auto", "7", "8")
+
+
+def resolve_weight_bits(requested: str | int) -> int:
+    """`--weight-bits`: "auto" is 8 where this CPU computes 8-bit weights exactly, else 7. 8
+    is refused where it does not: the accuracy gate runs here and would judge wrong sums."""
+    from clipedge.engine.cpu_features import int8_products_exact
+    from clipedge.errors import OptionError
+
+    if str(requested) not in WEIGHT_BITS:
+        raise OptionError(
+            f"--weight-bits must be one of {', '.join(WEIGHT_BITS)}, got {requested!r}"
+        )
+    if str(requested) == "auto":
+        return 8 if int8_products_exact() else 7
+    if int(requested) == 8 and not int8_products_exact():
+        raise OptionError(
+            "--weight-bits 8: this CPU (x86 without VNNI or AMX) adds int8 products in a "
+            "saturating int16, so the accuracy gate here would judge wrong results; calibrate "
+            "on a CPU with VNNI/AMX, or use 7"
+        )
+    return int(requested)
+
+
+@dataclass(frozen=True)
 class PrecisionSpec:
     """How to build one precision and where its graph runs.
 
@@ -33,7 +68,7 @@ class PrecisionSpec:
     device: str
     default_target: float
     needs_calibration: bool
-    make_converter: Callable[[Path, Sequence[Feed], str], Converter]
+    make_converter: Callable[[Path, Sequence[Feed], Conversion], Converter]
     suffix: str = ".onnx"
     requires: tuple[str, ...] = ()
     # Set when the converter has its own calibration scheme and ignores --calibration-method.
@@ -41,6 +76,8 @@ class PrecisionSpec:
     install_hint: str = "pip install 'clipedge[export]'"
     # Whether the converter (or its checks) reads the calibration feeds at all.
     uses_feeds: bool = True
+    # Whether its weights are int8 (their range, `Conversion.weight_bits`, is recorded).
+    int8_weights: bool = True
 
     def graph_file(self, tower: str) -> str:
         return f"{tower}.{self.name}{self.suffix}"
@@ -55,7 +92,7 @@ class PrecisionSpec:
         return [name for name in self.requires if importlib.util.find_spec(name) is None]
 
 
-def _fp16(src: Path, feeds: Sequence[Feed], method: str) -> Converter:
+def _fp16(src: Path, feeds: Sequence[Feed], conversion: Conversion) -> Converter:
     from .fp16 import convert_to_fp16
 
     def convert(keep_float: Sequence[str], dst: Path) -> Path:
@@ -80,14 +117,21 @@ def _sensitive_nodes(src: Path) -> list[str]:
     return [name for scope in SENSITIVE_SCOPES for name in nodes_in_scope(model, scope)]
 
 
-def _int8_qdq(src: Path, feeds: Sequence[Feed], method: str) -> Converter:
+def _int8_qdq(src: Path, feeds: Sequence[Feed], conversion: Conversion) -> Converter:
     from .int8_qdq import quantize_qdq
     from .onnx_variants import quantize_once
 
     sensitive = _sensitive_nodes(src)
     return quantize_once(
         src,
-        lambda dst: quantize_qdq(src, dst, list(feeds), method=method, weight_only_nodes=sensitive),
+        lambda dst: quantize_qdq(
+            src,
+            dst,
+            list(feeds),
+            method=conversion.method,
+            weight_only_nodes=sensitive,
+            weight_bits=conversion.weight_bits,
+        ),
     )
 
 
@@ -95,14 +139,19 @@ def _int8_qdq(src: Path, feeds: Sequence[Feed], method: str) -> Converter:
 CPU_INT8_MODE = "dynamic"
 
 
-def _int8_cpu(src: Path, feeds: Sequence[Feed], method: str) -> Converter:
+def _int8_cpu(src: Path, feeds: Sequence[Feed], conversion: Conversion) -> Converter:
     from .cpu_int8 import quantize_cpu
     from .onnx_variants import quantize_once
 
-    return quantize_once(src, lambda dst: quantize_cpu(src, dst, CPU_INT8_MODE, list(feeds)))
+    return quantize_once(
+        src,
+        lambda dst: quantize_cpu(
+            src, dst, CPU_INT8_MODE, list(feeds), weight_bits=conversion.weight_bits
+        ),
+    )
 
 
-def _int8_openvino(src: Path, feeds: Sequence[Feed], method: str) -> Converter:
+def _int8_openvino(src: Path, feeds: Sequence[Feed], conversion: Conversion) -> Converter:
     import functools
 
     from .memory import budget_gb, stage, statistics_tokens
@@ -118,7 +167,13 @@ def _int8_openvino(src: Path, feeds: Sequence[Feed], method: str) -> Converter:
 
     def quantize() -> Any:
         with stage("NNCF statistics and quantisation"):
-            return quantize_all(src, feeds, float_layers=attention, max_tokens=max_tokens)
+            return quantize_all(
+                src,
+                feeds,
+                float_layers=attention,
+                max_tokens=max_tokens,
+                weight_bits=conversion.weight_bits,
+            )
 
     # NNCF runs once, on the first call; every variant the search asks for is derived from it.
     quantized = functools.cache(quantize)
@@ -131,7 +186,7 @@ def _int8_openvino(src: Path, feeds: Sequence[Feed], method: str) -> Converter:
 
 
 PRECISIONS = {
-    "fp16": PrecisionSpec("fp16", "gpu", 0.999, False, _fp16),
+    "fp16": PrecisionSpec("fp16", "gpu", 0.999, False, _fp16, int8_weights=False),
     "int8": PrecisionSpec("int8", "gpu", 0.99, True, _int8_qdq),
     "int8-cpu": PrecisionSpec("int8-cpu", "cpu", 0.99, False, _int8_cpu, uses_feeds=False),
     "int8-ov": PrecisionSpec(

@@ -326,7 +326,7 @@ def vision_case(tiny_bundle, tmp_path_factory):
     import clipedge
     from clipedge.calibration.blocks import nodes_by_block
     from clipedge.calibration.data import tower_feeds
-    from clipedge.calibration.precisions import PRECISIONS
+    from clipedge.calibration.precisions import PRECISIONS, Conversion
     from clipedge.calibration.report import cosine_stats, cpu_session, pooled_embeddings
 
     work = tmp_path_factory.mktemp("search")
@@ -336,7 +336,7 @@ def vision_case(tiny_bundle, tmp_path_factory):
     feeds = {held: tower_feeds(model, "vision", calibration, held) for held in (False, True)}
     fp32 = cpu_session(graph)
     reference = {held: pooled_embeddings(fp32, "vision", f) for held, f in feeds.items()}
-    convert = PRECISIONS["int8-cpu"].make_converter(graph, feeds[False], "max")
+    convert = PRECISIONS["int8-cpu"].make_converter(graph, feeds[False], Conversion())
     onnx_model = onnx.load(str(graph), load_external_data=False)
     blocks = nodes_by_block(onnx_model)
     inside = {name for names in blocks.values() for name in names}
@@ -431,12 +431,14 @@ def test_openvino_search_leaves_the_chosen_graph_at_the_destination(vision_case)
     """int8-ov trials all come from one NNCF run and rewrite the same path: the graph left
     there, measured afresh, is the one the search reported, and it meets the target."""
     pytest.importorskip("nncf", reason="int8-ov needs the optional nncf package")
-    from clipedge.calibration.precisions import PRECISIONS
+    from clipedge.calibration.precisions import PRECISIONS, Conversion
     from clipedge.calibration.report import cosine_stats, cpu_session, pooled_embeddings
 
     case = vision_case
     feeds, reference = case["feeds"][True], case["reference"][True]
-    convert = PRECISIONS["int8-ov"].make_converter(case["graph"], case["feeds"][False], "max")
+    convert = PRECISIONS["int8-ov"].make_converter(
+        case["graph"], case["feeds"][False], Conversion()
+    )
     destination = case["work"] / "vision.int8-ov.xml"
     whole = convert([], destination)
     whole_cos = cosine_stats(reference, pooled_embeddings(cpu_session(whole), "vision", feeds))

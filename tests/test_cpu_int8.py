@@ -166,7 +166,7 @@ def test_search_variants_are_derived_from_one_conversion(
     """The int8-cpu converter quantises once; a variant with nodes float equals converting
     again with those nodes excluded (bit for bit), whether one block or all but one."""
     from clipedge.calibration.blocks import nodes_by_block
-    from clipedge.calibration.precisions import PRECISIONS
+    from clipedge.calibration.precisions import PRECISIONS, Conversion
 
     runs = []
     monkeypatch.setattr(
@@ -177,7 +177,7 @@ def test_search_variants_are_derived_from_one_conversion(
     blocks = nodes_by_block(model)
     first, *rest = blocks.values()
     everything_but_first = [n.name for n in model.graph.node if n.name not in set(first)]
-    convert = PRECISIONS["int8-cpu"].make_converter(src, feeds[tower], "max")
+    convert = PRECISIONS["int8-cpu"].make_converter(src, feeds[tower], Conversion())
     convert([], tmp_path / "whole.onnx")
     for label, keep in (("one", first), ("all-but-one", everything_but_first)):
         derived = convert(keep, tmp_path / f"{label}-derived.onnx")
@@ -247,14 +247,14 @@ def test_openvino_int8_keeps_cosine_and_float_attention(tiny_bundle, feeds, tmp_
     import openvino as ov
 
     from clipedge.calibration.openvino_int8 import attention_matmuls
-    from clipedge.calibration.precisions import PRECISIONS
+    from clipedge.calibration.precisions import PRECISIONS, Conversion
     from clipedge.engine.openvino_backend import OpenVinoOptions, OpenVinoSession
 
     src = tiny_bundle / f"{tower}.onnx"
     attention = attention_matmuls(src)
     # Two attention MatMuls per layer (tiny: 2 layers), plus the text tower's pooling MatMul.
     assert len(attention) == (5 if tower == "text" else 4)
-    convert = PRECISIONS["int8-ov"].make_converter(src, feeds[tower], "max")
+    convert = PRECISIONS["int8-ov"].make_converter(src, feeds[tower], Conversion())
     dst = convert([], tmp_path / f"{tower}.xml")
     model = ov.Core().read_model(str(dst))
     quantised = {
@@ -300,7 +300,7 @@ def test_openvino_converter_keeps_the_named_onnx_nodes_float(
     from clipedge.calibration import openvino_int8
     from clipedge.calibration.blocks import nodes_by_block
     from clipedge.calibration.openvino_int8 import attention_matmuls
-    from clipedge.calibration.precisions import PRECISIONS
+    from clipedge.calibration.precisions import PRECISIONS, Conversion
 
     runs = []
     quantize_all = openvino_int8.quantize_all
@@ -310,7 +310,7 @@ def test_openvino_converter_keeps_the_named_onnx_nodes_float(
     src = tiny_bundle / "vision.onnx"
     blocks = nodes_by_block(onnx.load(str(src)))
     attention = set(attention_matmuls(src))
-    convert = PRECISIONS["int8-ov"].make_converter(src, feeds["vision"], "max")
+    convert = PRECISIONS["int8-ov"].make_converter(src, feeds["vision"], Conversion())
     for name, block in blocks.items():
         model = ov.Core().read_model(str(convert(block, tmp_path / f"{name}.xml")))
         matmuls = [op for op in model.get_ops() if op.get_type_name() == "MatMul"]

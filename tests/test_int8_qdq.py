@@ -243,7 +243,7 @@ def test_search_variants_are_derived_from_one_calibration(
     conversion with that block excluded, bit for bit (the rest reads the same ranges)."""
     from clipedge.calibration import int8_qdq
     from clipedge.calibration.blocks import nodes_by_block, nodes_in_scope
-    from clipedge.calibration.precisions import PRECISIONS, SENSITIVE_SCOPES
+    from clipedge.calibration.precisions import PRECISIONS, SENSITIVE_SCOPES, Conversion
 
     runs = []
     monkeypatch.setattr(
@@ -253,7 +253,7 @@ def test_search_variants_are_derived_from_one_calibration(
     calibration = feeds[tower, False]
     graph = onnx.load(str(src))
     block = next(iter(nodes_by_block(graph).values()))
-    convert = PRECISIONS["int8"].make_converter(src, calibration, "max")
+    convert = PRECISIONS["int8"].make_converter(src, calibration, Conversion())
     convert([], tmp_path / "whole.onnx")
     derived = convert(block, tmp_path / "derived.onnx")
     direct = quantize_qdq(  # the module's function, not the counting one

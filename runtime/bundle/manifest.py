@@ -77,6 +77,9 @@ class GraphEntry:
     `onnxruntime_cpu_file`: the same graph with its attention fused into onnxruntime's
     MultiHeadAttention (memory linear in the text length), which only onnxruntime reads; the
     CPU backend loads it, every other backend `file`. None: `file` serves all.
+    `weight_bits`: the range of an int8 graph's weights, 7 (exact on every CPU) or 8 (exact
+    only where int8 products add in int32: `engine.cpu_features`); None for float graphs
+    and int8 graphs from before it was recorded (7).
     """
 
     file: str
@@ -84,6 +87,7 @@ class GraphEntry:
     device: str = "any"
     accuracy: Accuracy | None = None
     onnxruntime_cpu_file: str | None = None
+    weight_bits: int | None = None
 
     def file_for(self, backend: str) -> str:
         """The file a backend loads ("cpu" is onnxruntime's CPU provider)."""
@@ -100,12 +104,15 @@ class GraphEntry:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GraphEntry:
         accuracy = data.get("accuracy")
+        if data.get("weight_bits") not in (None, 7, 8):
+            raise ValueError(f"weight_bits must be 7 or 8, got {data['weight_bits']!r}")
         return cls(
             file=data["file"],
             precision=data["precision"],
             device=data.get("device", "any"),
             accuracy=None if accuracy is None else Accuracy.from_dict(accuracy),
             onnxruntime_cpu_file=data.get("onnxruntime_cpu_file"),
+            weight_bits=data.get("weight_bits"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,6 +126,7 @@ class GraphEntry:
                 if self.onnxruntime_cpu_file
                 else {}
             ),
+            **({"weight_bits": self.weight_bits} if self.weight_bits is not None else {}),
         }
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..bundle.manifest import GraphEntry, Manifest
 from ..errors import BackendError, BundleError, OptionError
 from ..user_warnings import warn
+from . import cpu_features
 from .registry import backend as get_backend
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,13 @@ def choose_precision(
             raise BundleError(
                 f"the {tower} {requested} graph ({entry.file}) runs only with backend='openvino'"
             )
+        if not runs_exactly(entry, device):
+            raise BundleError(
+                f"the {tower} {requested} graph has 8-bit int8 weights, and this CPU (x86 "
+                "without VNNI or AMX) adds int8 products in a saturating int16: its results "
+                "would be wrong. Calibrate that precision with --weight-bits 7 (exact on "
+                "every CPU), or load another precision"
+            )
         if not entry.passed:
             warn(
                 f"{tower} {requested} graph missed its accuracy target at export "
@@ -90,16 +98,33 @@ def choose_precision(
         return requested
     for precision in PREFERENCE[device]:
         entry = graphs.get(precision)
-        if entry is not None and entry.passed and entry.device in ("any", device):
+        if entry is None or not entry.passed or entry.device not in ("any", device):
+            continue
+        if runs_exactly(entry, device):
             return precision
+        log.warning(
+            "not loading the %s %s graph: its 8-bit int8 weights are not exact on this CPU "
+            "(x86 without VNNI or AMX); calibrate with --weight-bits 7 to use it here",
+            tower,
+            precision,
+        )
     raise BundleError(f"bundle has no {tower} graph usable on {device} (has: {', '.join(graphs)})")
+
+
+def runs_exactly(entry: GraphEntry, device: str) -> bool:
+    """False for a graph with 8-bit int8 weights on a CPU that adds int8 products in a
+    saturating int16 (`cpu_features`); GPUs and other CPUs compute them exactly."""
+    return entry.weight_bits != 8 or device == "gpu" or cpu_features.int8_products_exact()
 
 
 def prefers_openvino(towers_graphs: list[dict[str, GraphEntry]]) -> bool:
     """True when every tower has a passing OpenVINO int8 graph: then, on a machine without an
     NVIDIA GPU, OpenVINO is the fastest backend for this bundle (if it is installed)."""
     return bool(towers_graphs) and all(
-        "int8-ov" in graphs and graphs["int8-ov"].passed for graphs in towers_graphs
+        "int8-ov" in graphs
+        and graphs["int8-ov"].passed
+        and runs_exactly(graphs["int8-ov"], "openvino")
+        for graphs in towers_graphs
     )
 
 
