@@ -373,3 +373,27 @@ def test_short_texts_split_by_the_time_budget_run_first_in_first_out(model):  # 
     batcher.close()
     assert session.shapes[-2:] == [(16, 16), (16, 16)]
     assert session.first_ids[-2:] == [3, 4]  # the earlier short texts ran first
+
+
+def test_a_short_text_waits_for_one_long_run_at_most(model):  # noqa: F811
+    """Long texts waiting over MAX_AGE_S get the turn after each batch that ran ahead of
+    them; runs of long texts with nothing shorter waiting earn them nothing more. Before,
+    the turns alternated whatever ran: after two such runs a short text that had just come
+    went behind a third."""
+    from clipedge.serve.batcher import MAX_AGE_S, Work
+
+    pipeline = Pipeline(model.tower("text"), FakeSession(), embed_dim=1)
+    batcher = TowerBatcher(pipeline, 1, 0.0, 256)  # one row per run
+    batcher.close()
+    aged = time.monotonic() - 2 * MAX_AGE_S
+    live = [Work([5] * 300, queued_at=aged + i / 100) for i in range(4)]
+
+    def run_next() -> Work:
+        (index,) = batcher._next(live)
+        return live.pop(index)
+
+    assert [run_next().queued_at for _ in range(2)] == [aged, aged + 0.01]  # oldest first
+    short = Work([7] * 4)
+    live.append(short)
+    assert run_next() is short
+    assert run_next().queued_at == aged + 0.02  # then the long text it ran ahead of

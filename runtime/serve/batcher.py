@@ -67,7 +67,7 @@ class TowerBatcher:
         self._queue: queue.Queue[Work | None] = queue.Queue()
         self._admit = threading.Lock()
         self._pending: list[Work] = []  # taken from the queue, not run yet
-        self._aged_turn = False
+        self._owed_aged = False  # a shorter batch ran ahead of an item over MAX_AGE_S
         self.last_progress = time.monotonic()
         self._thread = threading.Thread(
             target=self._loop, name=f"clipedge-{self.tower}", daemon=True
@@ -143,14 +143,18 @@ class TowerBatcher:
         """One batch: grouped longest first (little padding), the shortest batch runs first
         (a short request waits for one batch, not every long text queued before it), and of
         batches as short the one that has waited longest (short texts split over several
-        batches by a budget go first in, first out); while items have waited over
-        MAX_AGE_S, every other batch is the oldest item's, so long texts keep moving too."""
+        batches by a budget go first in, first out). An item waiting over MAX_AGE_S gets the
+        turn after each batch that ran ahead of it, so long texts keep moving too; a batch
+        that jumped no one owes it nothing (when turns simply alternated, a short text that
+        arrived during such a run waited for a second long run: at full size under attack,
+        p99 3.9 s against 1.4 s quiet)."""
         plan = self.pipeline.plan(
             [w.row for w in live], range(len(live)), self.max_batch, self._time_budget()
         )
         oldest = min(range(len(live)), key=lambda i: live[i].queued_at)
-        self._aged_turn = not self._aged_turn
-        if self._aged_turn and time.monotonic() - live[oldest].queued_at > MAX_AGE_S:
+        aged = time.monotonic() - live[oldest].queued_at > MAX_AGE_S
+        if aged and self._owed_aged:
+            self._owed_aged = False
             return set(next(c for c in plan if oldest in c))
         tokens = self.pipeline.tower.tokens
 
@@ -158,7 +162,9 @@ class TowerBatcher:
             width = max((tokens(live[i].row) or 0) for i in chunk)
             return width, min(live[i].queued_at for i in chunk)
 
-        return set(min(plan, key=shortest_then_oldest))
+        chosen = min(plan, key=shortest_then_oldest)
+        self._owed_aged = aged and oldest not in chosen
+        return set(chosen)
 
     def _time_budget(self) -> int | None:
         """Padded tokens one run may take so that it lasts about `max_batch_seconds`: a short
