@@ -439,3 +439,20 @@ def test_cpu_sessions_plan_without_buffer_reuse(tiny_bundle):
         tiny_bundle, backend="cpu", backend_options=OnnxruntimeOptions(memory_reuse=True)
     )
     assert asked.session("text")._session.get_session_options().enable_mem_reuse is True
+
+
+def test_cpu_sessions_do_not_spin(tiny_bundle):
+    """Idle intra-op threads sleep instead of spin-waiting on the CPU provider: two towers
+    (and the server's preparation) share the cores; asked, they spin as onnxruntime's
+    default does."""
+
+    def spinning(model: clipedge.ClipEdgeModel, tower: str) -> str:
+        options = model.session(tower)._session.get_session_options()
+        return options.get_session_config_entry("session.intra_op.allow_spinning")
+
+    model = clipedge.load(tiny_bundle, backend="cpu")
+    assert [spinning(model, t) for t in ("text", "vision")] == ["0", "0"]
+    asked = clipedge.load(
+        tiny_bundle, backend="cpu", backend_options=OnnxruntimeOptions(spinning=True)
+    )
+    assert spinning(asked, "text") == "1"
