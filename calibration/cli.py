@@ -11,6 +11,8 @@ from typing import Any
 from clipedge.errors import ClipEdgeError, OptionError
 from clipedge.towers import TEXT, TOWERS, VISION, tower_spec
 
+from .weight_bits import WEIGHT_BITS
+
 
 def add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     group = parser.add_argument_group("lower precision (calibrated, with an accuracy report)")
@@ -52,7 +54,7 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) -
     group.add_argument("--seed", type=int, default=0, help="sampling seed")
     group.add_argument(
         "--weight-bits",
-        choices=("auto", "7", "8"),
+        choices=WEIGHT_BITS,
         default="auto",
         help="int8 weight range: 7 runs exactly on every CPU; 8 is more accurate but exact "
         "only on CPUs with VNNI/AMX (or ARM), and the runtime refuses it elsewhere; auto "
@@ -83,7 +85,8 @@ def prepare_calibration(
     the precisions (names, installed packages), `--target-cosine`, `--calibration-samples`,
     and for each tower (`towers`, else the bundle's) the source its calibration needs."""
     from .data import CalibrationSet
-    from .precisions import check_precisions, resolve_weight_bits
+    from .precisions import check_precisions
+    from .weight_bits import resolve_weight_bits
 
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip() and p != "fp32"]
     check_precisions(precisions)  # a typo costs nothing, not the data loading first

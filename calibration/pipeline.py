@@ -37,7 +37,7 @@ from .blocks import nodes_by_unit
 from .data import CalibrationSet, tower_feeds
 from .feeds import Feed
 from .memory import Stages
-from .precisions import PRECISIONS, Conversion, check_precisions, resolve_weight_bits
+from .precisions import PRECISIONS, Conversion, check_precisions
 from .report import (
     REPORT_NAME,
     TowerAccuracy,
@@ -51,6 +51,7 @@ from .report import (
     write_report,
 )
 from .search import HeldOut, search_fallback
+from .weight_bits import resolve_weight_bits
 
 log = logging.getLogger(__name__)
 
