@@ -37,11 +37,17 @@ weight precision (0.9978) and no change of kernel or speed. onnxruntime document
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx.external_data_helper import (
+    load_external_data_for_model,
+    load_external_data_for_tensor,
+    uses_external_data,
+)
 
 from .feeds import RowFeedReader
 from .graph_io import needs_external_data
@@ -70,6 +76,90 @@ def weight_matmuls(path: Path) -> list[str]:
     ]
 
 
+def _quantize_dynamic_in_two_passes(
+    src: Path, dst: Path, work: Path, excluded: list[str], weight_bits: int, external: bool
+) -> None:
+    """The MatMuls first, on the graph without its Gather tables, then the tables.
+
+    The same graph as one pass (tested bit for bit) at a lower peak: onnxruntime's quantiser
+    holds three copies of the graph it is given (its own, a shape-inferred copy and the
+    caller's) and quantising the 1 GB word-embedding table takes ~3 GB of transients. The
+    full-size text tower peaked at 8.7 GB in one pass, 7.9 GB in two (both on the whole
+    graph), and 7.1 GB with the tables set aside for the MatMul pass (docs/benchmarks.md,
+    "Calibration memory").
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    def quantize(source: Path, target: Path, ops: list[str]) -> None:
+        quantize_dynamic(
+            source,
+            target,
+            op_types_to_quantize=ops,
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            reduce_range=weight_bits == 7,
+            nodes_to_exclude=excluded,
+            use_external_data_format=external,
+            extra_options={"MatMulConstBOnly": True},
+        )
+
+    without_tables, tables = _tables_as_inputs(src, work / "without-tables.onnx")
+    quantize(without_tables, work / "matmuls.onnx", ["MatMul"])
+    _tables_back(work / "matmuls.onnx", tables, src.parent, work / "with-tables.onnx")
+    quantize(work / "with-tables.onnx", dst, ["Gather"])
+
+
+def _tables_as_inputs(src: Path, dst: Path) -> tuple[Path, list[onnx.TensorProto]]:
+    """Write `src` with every Gather table (an initializer gathered from) turned into a graph
+    input; the tables are never read. Returns `dst` and the tables as `src` stores them
+    (inline, or a reference to its data file)."""
+    model = onnx.load(str(src), load_external_data=False)
+    graph = model.graph
+    gathered = {node.input[0] for node in graph.node if node.op_type == "Gather"}
+    tables = []
+    for init in [init for init in graph.initializer if init.name in gathered]:
+        table = onnx.TensorProto()
+        table.CopyFrom(init)
+        tables.append(table)
+        graph.initializer.remove(init)
+        graph.input.append(
+            onnx.helper.make_tensor_value_info(table.name, table.data_type, table.dims)
+        )
+    load_external_data_for_model(model, str(src.parent))
+    onnx.save_model(
+        model,
+        str(dst),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=dst.name + ".data",
+        size_threshold=1024,
+    )
+    return dst, tables
+
+
+def _tables_back(src: Path, tables: list[onnx.TensorProto], tables_dir: Path, dst: Path) -> None:
+    """Write `src` with the `tables` set aside by `_tables_as_inputs` as initializers again."""
+    model = onnx.load(str(src))
+    names = {table.name for table in tables}
+    for value in [v for v in model.graph.input if v.name in names]:
+        model.graph.input.remove(value)
+    for table in tables:
+        restored = model.graph.initializer.add()
+        restored.CopyFrom(table)
+        if uses_external_data(restored):
+            load_external_data_for_tensor(restored, str(tables_dir))
+            restored.data_location = onnx.TensorProto.DEFAULT
+            del restored.external_data[:]
+    onnx.save_model(
+        model,
+        str(dst),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=dst.name + ".data",
+        size_threshold=1024,
+    )
+
+
 @without_preprocessing_advice()
 def quantize_cpu(
     src: Path,
@@ -89,7 +179,6 @@ def quantize_cpu(
         CalibrationMethod,
         QuantFormat,
         QuantType,
-        quantize_dynamic,
         quantize_static,
     )
 
@@ -102,25 +191,8 @@ def quantize_cpu(
     excluded = list(exclude_nodes)
     external = needs_external_data(graph_bytes(src))
     if mode == "dynamic":
-        # Two passes, the MatMuls then the Gather, give the same graph (outputs equal bit for
-        # bit) at a lower peak: quantising the 1 GB word-embedding table takes ~5 GB of
-        # transients, so in one pass with every fp32 weight loaded the full-size text tower
-        # peaked at 8.7 GB, in two at 6.7 / 7.0 GB (docs/benchmarks.md, "Calibration memory").
-        matmuls = dst.with_name(dst.stem + ".matmuls.onnx")
-        for ops, source, target in ((["MatMul"], src, matmuls), (["Gather"], matmuls, dst)):
-            quantize_dynamic(
-                source,
-                target,
-                op_types_to_quantize=ops,
-                per_channel=True,
-                weight_type=QuantType.QInt8,
-                reduce_range=weight_bits == 7,
-                nodes_to_exclude=excluded,
-                use_external_data_format=external,
-                extra_options={"MatMulConstBOnly": True},
-            )
-        for leftover in (matmuls, matmuls.with_name(matmuls.name + ".data")):
-            leftover.unlink(missing_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".quantize-", dir=dst.parent) as work:
+            _quantize_dynamic_in_two_passes(src, dst, Path(work), excluded, weight_bits, external)
         return dst
     if not feeds:
         raise ValueError(f"mode {mode!r} needs calibration feeds")

@@ -536,10 +536,10 @@ def test_the_memory_plan_refuses_a_budget_no_row_fits_and_plans_the_rest():
         memory.check_budget({"vision": towers["vision"]}, ["int8-ov"], 6)
     with pytest.raises(OptionError, match="positive"):
         memory.check_budget(towers, ["fp16"], 0)
-    # int8-cpu's conversion of the full-size text graph peaked at 8.1 GB: refused under 8 GB
-    with pytest.raises(OptionError, match="int8-cpu conversion of the text graph .* least 9 GB"):
-        memory.check_budget(towers, ["int8-cpu"], 8)
-    assert memory.check_budget({"vision": towers["vision"]}, ["int8-cpu"], 8)
+    # int8-cpu's conversion of the full-size text graph peaked at 7.3 GB: refused under 7 GB
+    with pytest.raises(OptionError, match="int8-cpu conversion of the text graph .* least 8 GB"):
+        memory.check_budget(towers, ["int8-cpu"], 7)
+    assert memory.check_budget(towers, ["int8-cpu"], 8)
     assert memory.check_budget(towers, ["fp16"], 4) == [
         "memory plan: one tower at a time within --max-memory 4 GB"
     ]

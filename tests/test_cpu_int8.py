@@ -198,6 +198,39 @@ def test_search_variants_are_derived_from_one_conversion(
         convert(["no-such-node"], tmp_path / "bad.onnx")
 
 
+@pytest.mark.parametrize("large", [False, True])
+def test_two_passes_write_the_graph_of_one_pass(tiny_bundle, tmp_path, monkeypatch, large):
+    """The MatMul pass runs with the Gather tables set aside as inputs (memory); the graph
+    must be the one a single pass over both op types writes, weight for weight."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src = tiny_bundle / "text.onnx"
+    if large:  # weights in an external data file, as the full-size text tower's
+        monkeypatch.setattr(graph_io, "PROTOBUF_LIMIT", 0)
+        (tmp_path / "src").mkdir()
+        onnx.save_model(
+            onnx.load(str(src)), str(tmp_path / "src" / "text.onnx"), save_as_external_data=True
+        )
+        src = tmp_path / "src" / "text.onnx"
+    two = quantize_cpu(src, tmp_path / "two" / "text.onnx", "dynamic", weight_bits=8)
+    (tmp_path / "one").mkdir()
+    quantize_dynamic(
+        src,
+        tmp_path / "one" / "text.onnx",
+        op_types_to_quantize=["MatMul", "Gather"],
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        extra_options={"MatMulConstBOnly": True},
+    )
+    one, two = onnx.load(str(tmp_path / "one" / "text.onnx")), onnx.load(str(two))
+    assert sorted(n.op_type for n in two.graph.node) == sorted(n.op_type for n in one.graph.node)
+    assert [i.name for i in two.graph.input] == [i.name for i in one.graph.input]
+    weights = {t.name: numpy_helper.to_array(t) for t in one.graph.initializer}
+    assert {t.name for t in two.graph.initializer} == set(weights)
+    for tensor in two.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(tensor), weights[tensor.name])
+
+
 def test_large_graphs_keep_weights_external(tiny_bundle, tmp_path, monkeypatch):
     # The full-size text tower (2.2 GB) cannot be one protobuf: pretend the tiny one is large.
     monkeypatch.setattr(graph_io, "PROTOBUF_LIMIT", 0)
