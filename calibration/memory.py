@@ -146,6 +146,17 @@ COMPILED_PER_FP32_BYTE = 1.4  # the fp32 graph compiled for the statistics (and 
 # ~3x the fp32 graph (vision 4.2 GB for 1.22 GB; text 7.3 GB for 2.24 GB with the embedding
 # table set aside for the MatMul pass, 8.1 GB without, 9.0 GB in one pass).
 CPU_INT8_PER_FP32_BYTE = 3.0
+# After its statistics NNCF quantises and compresses a copy of the OpenVINO model: the text
+# tower peaked at 7.6 GB (3.1x its 2.24 GB) with statistics feeds of one row or three alike.
+OV_QUANTISATION_PER_FP32_BYTE = 3.1
+# fp16 and Q/DQ int8 run the fp32 graph in onnxruntime one calibration row at a time with two
+# reductions on every tensor (tensor_stats: the inf/NaN check, activation ranges), then
+# convert a copy: a term per fp32 byte and one per token of the row, fitted to the two
+# full-size towers' measured peaks (text 2.24 GB and 512 tokens, vision 1.22 GB and 1297).
+ROW_STATISTICS = {  # precision: (bytes per fp32 byte, bytes per token of a row)
+    "fp16": (2.12, 1.1e6),
+    "int8": (2.63, 2.15e6),
+}
 DEFAULT_BUDGET_GB = 10.0
 MARGIN_BYTES = 1.0e9
 
@@ -197,15 +208,22 @@ def check_budget(row_tokens: dict[str, tuple[int, int]], precisions, max_memory_
                 f"--max-memory {max_memory_gb:g} GB cannot be met: the {tower} tower's fp32 "
                 f"graph ({fp32_bytes / GB:.1f} GB) alone needs ~{floor / GB:.1f} GB to run"
             )
-        converting = BASE_BYTES + CPU_INT8_PER_FP32_BYTE * fp32_bytes
-        over = max_memory_gb is not None and converting > max_memory_gb * GB
-        if "int8-cpu" in precisions and over:
-            raise OptionError(
-                f"--max-memory {max_memory_gb:g} GB cannot be met: onnxruntime's int8-cpu "
-                f"conversion of the {tower} graph ({fp32_bytes / GB:.1f} GB) needs "
-                f"~{converting / GB:.1f} GB; give at least {math.ceil(converting / GB)} GB "
-                "or leave int8-cpu out"
-            )
+        needs = {
+            "int8-cpu": BASE_BYTES + CPU_INT8_PER_FP32_BYTE * fp32_bytes,
+            "int8-ov": BASE_BYTES + OV_QUANTISATION_PER_FP32_BYTE * fp32_bytes,
+        }
+        for precision, (per_byte, per_token) in ROW_STATISTICS.items():
+            needs[precision] = BASE_BYTES + per_byte * fp32_bytes + per_token * tokens
+        for precision, need in needs.items():
+            if precision not in precisions:
+                continue
+            if max_memory_gb is not None and need > max_memory_gb * GB:
+                raise OptionError(
+                    f"--max-memory {max_memory_gb:g} GB cannot be met: {precision} of the "
+                    f"{tower} graph ({fp32_bytes / GB:.1f} GB) needs ~{need / GB:.1f} GB; give "
+                    f"at least {math.ceil(need / GB)} GB or leave {precision} out"
+                )
+            lines.append(f"memory plan: {tower} {precision} conversion ~{need / GB:.1f} GB")
         if "int8-ov" not in precisions:
             continue
         allowed = statistics_tokens(fp32_bytes, max_memory_gb)
