@@ -357,6 +357,33 @@ def test_runs_are_cut_to_the_time_budget_so_short_texts_wait_little(model):  # n
     assert session.shapes[-1] == (32, 4)  # 128 tokens: short texts are not cut
 
 
+def test_a_short_text_runs_beside_a_long_run(model):  # noqa: F811
+    """A run cannot be interrupted, so short batches run beside it in a second thread: a
+    short text waits for no long run (before: the whole 1.2 s run), and the long texts'
+    results are unchanged. Batches of SHORT_RUN_TOKENS or more never take that lane."""
+    from clipedge.serve.batcher import SHORT_RUN_TOKENS
+
+    session = PerTokenSession(0.0005)
+    pipeline = Pipeline(model.tower("text"), session, embed_dim=1)
+    batcher = TowerBatcher(pipeline, 32, 0.0, 256)
+    long = batcher.submit([[5] * 300] * 8)  # one run of 2400 padded tokens: 1.2 s
+    time.sleep(0.1)
+    started = time.monotonic()
+    assert batcher.submit([[7] * 4])[0].result(10)[0] == 7
+    waited = time.monotonic() - started
+    assert not long[0].done()
+    assert [f.result(10)[0] for f in long] == [5] * 8
+    assert waited < 0.3, waited
+    # a batch of SHORT_RUN_TOKENS padded tokens waits for the run in progress
+    long = batcher.submit([[5] * 300] * 8)
+    time.sleep(0.1)
+    width = SHORT_RUN_TOKENS // 8
+    wide = batcher.submit([[9] * width] * 8)
+    wide[-1].result(10)
+    assert long[-1].done()
+    batcher.close()
+
+
 def test_short_texts_split_by_the_time_budget_run_first_in_first_out(model):  # noqa: F811
     """Short texts over several runs: the earlier ones go first. Before, the batch with the
     newest of them ran next every time, and under a stream of them an early short text

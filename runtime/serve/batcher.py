@@ -7,7 +7,11 @@ arrive while a batch runs form the next one); rows are run in the tower's order 
 so a batch pads little, each within `max_batch` items and the pipeline's padded-token budget
 (`max_batch_tokens`: long texts run in small batches), tightened by a time budget
 (`max_batch_seconds`, from the measured seconds per padded token) so that one run, which
-cannot be interrupted, keeps a short request waiting for about that long at most. Each chunk
+cannot be interrupted, keeps a short request waiting for about that long at most. While a
+run is in progress, a second thread runs short batches (under SHORT_RUN_TOKENS padded tokens)
+beside it, so a short request never waits for a long run, only shares the cores with it
+(several instances of one model, as Triton's instance groups, but one session: onnxruntime
+and OpenVINO run concurrent calls on it; TensorRT's backend takes them in turn). Each chunk
 goes through the model's one `Pipeline` (engine limits, retry item by item), so one bad item
 fails only its own request. Results are the pooled, checked, not yet truncated vectors: each
 request truncates and normalises its own.
@@ -31,6 +35,8 @@ MAX_AGE_S = 1.0
 # The time budget never cuts batches below this many padded tokens (32 short texts), and
 # learns the time per token from runs at least this large (smaller ones are mostly overhead).
 MIN_TIMED_TOKENS = 256
+# Batches under this many padded tokens may run beside the run in progress (the express lane).
+SHORT_RUN_TOKENS = MIN_TIMED_TOKENS
 
 
 class QueueFull(Exception):
@@ -68,11 +74,20 @@ class TowerBatcher:
         self._admit = threading.Lock()
         self._pending: list[Work] = []  # taken from the queue, not run yet
         self._owed_aged = False  # a shorter batch ran ahead of an item over MAX_AGE_S
+        # The lock guards _pending, _running and draining the queue into _pending.
+        self._lock = threading.Lock()
+        self._running = False  # the main thread is in a run
+        self._express_wake = threading.Event()
+        self._closing = False
         self.last_progress = time.monotonic()
         self._thread = threading.Thread(
             target=self._loop, name=f"clipedge-{self.tower}", daemon=True
         )
+        self._express = threading.Thread(
+            target=self._express_loop, name=f"clipedge-{self.tower}-express", daemon=True
+        )
         self._thread.start()
+        self._express.start()
 
     @property
     def depth(self) -> int:
@@ -90,12 +105,16 @@ class TowerBatcher:
             work = [Work(row) for row in rows]
             for item in work:
                 self._queue.put(item)
+        self._express_wake.set()
         return [item.future for item in work]
 
     def close(self) -> None:
-        """Finish what is queued, then stop the thread."""
+        """Finish what is queued, then stop the threads."""
         self._queue.put(None)
         self._thread.join()
+        self._closing = True
+        self._express_wake.set()
+        self._express.join()
 
     def _take(self, block: bool) -> tuple[list[Work], bool]:
         try:
@@ -125,19 +144,55 @@ class TowerBatcher:
         while True:
             taken, stopping = self._take(block=not self._pending and not stop)
             stop = stop or stopping
-            # Items of requests that timed out (cancelled futures) are dropped.
-            live = [w for w in self._pending + taken if not w.future.cancelled()]
-            if live:
-                chunk = self._next(live)
+            with self._lock:
+                # Items of requests that timed out (cancelled futures) are dropped.
+                live = [w for w in self._pending + taken if not w.future.cancelled()]
+                chunk = self._next(live) if live else set()
                 self._pending = [w for i, w in enumerate(live) if i not in chunk]
                 work = [live[i] for i in chunk if live[i].future.set_running_or_notify_cancel()]
-                if work:
-                    self._run(work)
-            else:
-                self._pending = []
+                self._running = bool(work)
+            if work:
+                self._express_wake.set()
+                self._run(work)
+                with self._lock:
+                    self._running = False
             self.last_progress = time.monotonic()
             if stop and not self._pending and self._queue.empty():
                 return
+
+    def _express_loop(self) -> None:
+        """Run short batches while the main thread is in a run."""
+        while not self._closing:
+            self._express_wake.wait()
+            self._express_wake.clear()
+            while work := self._take_short():
+                self._run(work)
+                self.last_progress = time.monotonic()
+
+    def _take_short(self) -> list[Work]:
+        """The shortest, then oldest, batch if it is short and the main thread is in a run."""
+        with self._lock:
+            if not self._running:
+                return []
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:  # closing: the main thread finishes the rest
+                    self._queue.put(None)
+                    break
+                self._pending.append(item)
+            live = [w for w in self._pending if not w.future.cancelled()]
+            if not live:
+                return []
+            plan = self.pipeline.plan([w.row for w in live], range(len(live)), self.max_batch)
+            short = [c for c in plan if len(c) * self._width(live, c) < SHORT_RUN_TOKENS]
+            if not short:
+                return []
+            chosen = set(self._shortest_then_oldest(live, short))
+            self._pending = [w for i, w in enumerate(live) if i not in chosen]
+            return [live[i] for i in chosen if live[i].future.set_running_or_notify_cancel()]
 
     def _next(self, live: list[Work]) -> set[int]:
         """One batch: grouped longest first (little padding), the shortest batch runs first
@@ -156,15 +211,16 @@ class TowerBatcher:
         if aged and self._owed_aged:
             self._owed_aged = False
             return set(next(c for c in plan if oldest in c))
-        tokens = self.pipeline.tower.tokens
-
-        def shortest_then_oldest(chunk: list[int]) -> tuple[int, float]:
-            width = max((tokens(live[i].row) or 0) for i in chunk)
-            return width, min(live[i].queued_at for i in chunk)
-
-        chosen = min(plan, key=shortest_then_oldest)
+        chosen = self._shortest_then_oldest(live, plan)
         self._owed_aged = aged and oldest not in chosen
         return set(chosen)
+
+    def _width(self, live: list[Work], chunk: list[int]) -> int:
+        """Padded length of a batch: its longest row's tokens."""
+        return max((self.pipeline.tower.tokens(live[i].row) or 0) for i in chunk)
+
+    def _shortest_then_oldest(self, live: list[Work], plan: list[list[int]]) -> list[int]:
+        return min(plan, key=lambda c: (self._width(live, c), min(live[i].queued_at for i in c)))
 
     def _time_budget(self) -> int | None:
         """Padded tokens one run may take so that it lasts about `max_batch_seconds`: a short
