@@ -50,7 +50,7 @@ from onnx.external_data_helper import (
 )
 
 from .feeds import RowFeedReader
-from .graph_io import needs_external_data
+from .graph_io import needs_external_data, save_model
 from .ort_advice import without_preprocessing_advice
 from .report import graph_bytes
 
@@ -126,14 +126,7 @@ def _tables_as_inputs(src: Path, dst: Path) -> tuple[Path, list[onnx.TensorProto
             onnx.helper.make_tensor_value_info(table.name, table.data_type, table.dims)
         )
     load_external_data_for_model(model, str(src.parent))
-    onnx.save_model(
-        model,
-        str(dst),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=dst.name + ".data",
-        size_threshold=1024,
-    )
+    save_model(model, dst, external=True)
     return dst, tables
 
 
@@ -150,14 +143,7 @@ def _tables_back(src: Path, tables: list[onnx.TensorProto], tables_dir: Path, ds
             load_external_data_for_tensor(restored, str(tables_dir))
             restored.data_location = onnx.TensorProto.DEFAULT
             del restored.external_data[:]
-    onnx.save_model(
-        model,
-        str(dst),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=dst.name + ".data",
-        size_threshold=1024,
-    )
+    save_model(model, dst, external=True)
 
 
 @without_preprocessing_advice()

@@ -37,14 +37,16 @@ def load_typed(path: Path, with_data: bool = True) -> onnx.ModelProto:
     return model
 
 
-def save_model(model: onnx.ModelProto, dst: Path) -> Path:
-    """Save inline, or with every weight in one `<name>.data` file when over 2 GB."""
+def save_model(model: onnx.ModelProto, dst: Path, external: bool | None = None) -> Path:
+    """Save inline, or with every weight in one `<name>.data` file when over 2 GB (or when
+    `external` says so: saving then writes the weights one by one, no 2 GB byte copy)."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     data = dst.with_name(dst.name + ".data")
     if data.exists():
         os.remove(data)
-    external = needs_external_data(model.ByteSize())
+    if external is None:
+        external = needs_external_data(model.ByteSize())
     onnx.save_model(
         model,
         str(dst),
