@@ -265,9 +265,11 @@ def test_a_path_as_url_reveals_nothing(hostile, path):
 
 def test_a_short_text_waits_for_one_long_batch_not_all(model):  # noqa: F811
     pipeline = fake_pipeline(model, delay=0.3)
-    pipeline.max_batch_tokens = 100
+    pipeline.max_batch_tokens = 300
     batcher = TowerBatcher(pipeline, max_batch=32, max_wait_s=0.0, max_queue=64)
-    long = batcher.submit([[5] * 90] * 4)  # one batch each: 1.2 s in all
+    # one batch each, 1.2 s in all; each over SHORT_RUN_TOKENS, so none takes the express
+    # lane (at 90 tokens they did, and the short text raced them there)
+    long = batcher.submit([[5] * 300] * 4)
     time.sleep(0.1)
     short = batcher.submit([[7]])[0]
     assert short.result(5)[0] == 7
