@@ -26,7 +26,7 @@ from pathlib import Path
 import requests
 
 from .charts import add_output_arguments, run_or_render
-from .common import markdown_table, median_ms, write_json
+from .common import markdown_table, median_ms
 from .machine import machine_info
 
 TEXT = "a photo of a cat sitting on a red sofa"
@@ -204,24 +204,9 @@ def main() -> None:
     add_output_arguments(parser)
     args = parser.parse_args()
     if args.hostile:
-        from .serve_hostile import Hostile, print_hostile, run_hostile
+        from .serve_hostile import print_hostile, render_hostile, run_from_args
 
-        setup = Hostile(
-            args.seconds,
-            args.attackers,
-            args.image_every,
-            args.client_timeout,
-            args.think,
-            ["--precision", args.precision] * bool(args.precision) + args.server_args.split(),
-        )
-        results = {
-            "machine": machine_info(),
-            "setup": setup.__dict__,
-            **run_hostile(args.bundle, setup),
-        }
-        if args.out:
-            write_json(args.out, results)
-        print_hostile(results)
+        run_or_render(args, run_from_args, print_hostile, render_hostile)
         return
     run_or_render(args, run, print_table, render_charts)
 

@@ -12,6 +12,7 @@ the attackers got, and the server's peak RSS (VmHWM).
 
 from __future__ import annotations
 
+import argparse
 import base64
 import http.server
 import io
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
+from .machine import machine_info
 from .serve import free_port, launch
 
 TEXT = "a photo of a cat sitting on a red sofa"
@@ -218,6 +220,46 @@ def run_hostile(bundle: Path, setup: Hostile) -> dict:
         process.terminate()
         process.wait(timeout=60)
         stall.shutdown()
+
+
+def run_from_args(args: argparse.Namespace) -> dict:
+    """The run of `python -m benchmarks.serve --hostile ...`, with the machine and setup."""
+    setup = Hostile(
+        args.seconds,
+        args.attackers,
+        args.image_every,
+        args.client_timeout,
+        args.think,
+        ["--precision", args.precision] * bool(args.precision) + args.server_args.split(),
+    )
+    return {"machine": machine_info(), "setup": setup.__dict__, **run_hostile(args.bundle, setup)}
+
+
+def render_hostile(results: dict, folder: Path) -> list[Path]:
+    """Good short texts' p50 and p99 alone and under attack, against the goal (2x alone)."""
+    from .charts import Line, bar_chart
+
+    rows = [
+        (f"{which}, {name}", value)
+        for phase, name in (("quiet", "alone"), ("hostile", "under attack"))
+        for which, value in (
+            ("p50", statistics.median(results[phase]["text_ms"])),
+            ("p99", results[phase]["p99_ms_text"]),
+        )
+    ]
+    setup = results["setup"]
+    return [
+        bar_chart(
+            folder / "serve-hostile.png",
+            "clipedge serve: good short texts alone and under attack",
+            [label for label, _ in rows],
+            [value for _, value in rows],
+            "ms",
+            [Line(2 * results["quiet"]["p99_ms_text"], "goal: p99 under attack <= 2x alone")],
+            subtitle=f"{results['machine']['cpu']}, {setup['attackers']} attackers, "
+            f"{setup['seconds']:.0f} s per phase, clients on the same machine",
+        )
+    ]
 
 
 def print_hostile(results: dict) -> None:
