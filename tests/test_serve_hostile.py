@@ -126,9 +126,9 @@ def test_long_texts_never_share_a_batch_over_the_token_budget(model):  # noqa: F
     futures = batcher.submit(rows)
     assert [f.result(5)[0] for f in futures] == [5, 6, 7, 8, 9, 4]
     batcher.close()
-    # Grouped longest first: [60] alone (60+40 pads to 120), [40, 30], [20, 10, 10]; run
-    # shortest batch first.
-    assert pipeline.session.batches == [3, 2, 1]
+    # Grouped longest first: [60] alone (60+40 pads to 120), [40, 30], [20, 10, 10]. Which
+    # runs first is not asked here: short batches may run beside one another (express lane).
+    assert sorted(pipeline.session.first_ids) == [[4, 6, 9], [5], [7, 8]]
 
 
 def test_deep_json_is_400_and_metric_labels_stay_bounded(hostile):
