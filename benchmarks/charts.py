@@ -39,7 +39,12 @@ def bar_chart(
     figure, axes = plt.subplots(figsize=(7.5, 0.45 * len(labels) + 1.8), dpi=110)
     rows = list(range(len(labels)))[::-1]
     bars = axes.barh(rows, values, color="#4c72b0")
-    axes.bar_label(bars, labels=[f"{v:.3g} {unit}" for v in values], padding=3, fontsize=8)
+    axes.bar_label(
+        bars,
+        labels=[f"{v:.0f} {unit}" if v >= 1000 else f"{v:.3g} {unit}" for v in values],
+        padding=3,
+        fontsize=8,
+    )
     axes.set_yticks(rows, labels, fontsize=8)
     for line, style in zip(lines, ("--", ":", "-."), strict=False):
         axes.axvline(line.value, color="#c44e52", linestyle=style, linewidth=1.2, label=line.label)
