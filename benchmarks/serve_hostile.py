@@ -2,12 +2,12 @@
 
 One `clipedge serve` on 127.0.0.1 (`--allow-urls --allow-private-urls`, so image URLs may
 point at the local stalling server below). 32 well-behaved clients send short texts and small
-base64 images for `--seconds`, first alone, then while `--attackers` threads send, in turn:
-long texts with truncate (8192-char texts x 64), image URLs that stall (a server on
-127.0.0.1 that trickles one byte a second), bodies over the size cap, JSON nested 100 000
-deep, and headers trickled a byte at a time. Everything goes to loopback and stops at the
-deadline. Prints errors of good requests, their p50/p99 with and without the attackers, what
-the attackers got, and the server's peak RSS (VmHWM).
+base64 images for `--seconds`, first alone, then while `--attackers` threads, in a process of
+their own, send in turn: long texts with truncate (8192-char texts x 64), image URLs that
+stall (a server on 127.0.0.1 that trickles one byte a second), bodies over the size cap, JSON
+nested 100 000 deep, and headers trickled a byte at a time. Everything goes to loopback and
+stops at the deadline. Prints errors of good requests, their p50/p99 with and without the
+attackers, what the attackers got, and the server's peak RSS (VmHWM).
 """
 
 from __future__ import annotations
