@@ -483,12 +483,15 @@ class FakeSession:
 
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay
-        self.batches: list[int] = []
         self.first_ids: list[list[int]] = []  # each batch's rows by their first id
+
+    @property
+    def batches(self) -> list[int]:
+        """Each batch's size, in the order the batches ran."""
+        return [len(rows) for rows in self.first_ids]
 
     def run(self, feeds):
         time.sleep(self.delay)
-        self.batches.append(len(feeds["input_ids"]))
         self.first_ids.append(sorted(int(i) for i in feeds["input_ids"][:, 0]))
         if (feeds["input_ids"] == 666).any():
             raise RuntimeError("poisoned row")
