@@ -31,6 +31,22 @@ def expected(name: str) -> np.ndarray:
     return np.load(EXPECTED / name)
 
 
+def assert_all_gone(processes: list, within: float = 2.0) -> None:
+    """Every process (psutil.Process) has ended within `within` seconds. A zombie has ended:
+    it only waits for its parent (pid 1 once orphaned, which in a container may not reap)."""
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=within)
+    running = []
+    for process in alive:
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE:
+                running.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    assert not running, f"left running: {running}"
+
+
 SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4"}
 
 

@@ -24,7 +24,7 @@ from clipedge.embed.job import EmbedError, EmbedJob, embed  # noqa: E402
 from clipedge.errors import SourceError  # noqa: E402
 from clipedge.options import Options  # noqa: E402
 
-from conftest import EXPECTED  # noqa: E402
+from conftest import EXPECTED, assert_all_gone  # noqa: E402
 
 INPUTS = EXPECTED / "inputs"
 JPEG = (INPUTS / "img3_large_1024x768.jpg").read_bytes()
@@ -48,12 +48,6 @@ def image_folder(tmp_path) -> Path:
 
 def rows(out_dir: Path) -> list[dict]:
     return pq.read_table(out_dir).to_pylist()
-
-
-def assert_all_gone(processes: list, within: float = 2.0) -> None:
-    """Every process (children of a killed run) has ended within `within` seconds."""
-    gone, alive = psutil.wait_procs(processes, timeout=within)
-    assert not alive, f"left running after their parent died: {alive}"
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ psutil = pytest.importorskip("psutil", reason="the ray extra installs it")
 from clipedge.embed.job import EmbedJob, embed  # noqa: E402
 from clipedge.embed.ray_data import embed_with_ray  # noqa: E402
 
-from conftest import EXPECTED  # noqa: E402
+from conftest import EXPECTED, assert_all_gone  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +109,7 @@ def test_a_sigkilled_ray_run_leaves_no_process(tiny_bundle, tmp_path):
     assert len(started) >= 4, started
     process.kill()
     process.wait()
-    gone, alive = psutil.wait_procs(started, timeout=2.0)
-    assert not alive, f"left running after a SIGKILL: {[_command(p) for p in alive]}"
+    assert_all_gone(started)
 
 
 def test_a_finished_ray_run_leaves_no_process(tiny_bundle, tmp_path):
@@ -123,8 +122,7 @@ def test_a_finished_ray_run_leaves_no_process(tiny_bundle, tmp_path):
         seen |= set(_alive(parent))
         time.sleep(0.2)
     assert process.returncode == 0 and len(pq.read_table(tmp_path / "out")) == 50
-    gone, alive = psutil.wait_procs(list(seen), timeout=2.0)
-    assert not alive, f"left running after the run: {[_command(p) for p in alive]}"
+    assert_all_gone(list(seen))
 
 
 def _alive(parent: psutil.Process) -> list[psutil.Process]:
